@@ -1,0 +1,204 @@
+"""The ``trainwatch`` command (``python -m collector`` too).
+
+    trainwatch collect --bind tcp://127.0.0.1:5555 --record run.twrec --jsonl run.jsonl
+    trainwatch replay run.twrec --jsonl replayed.jsonl
+    trainwatch inspect run.twrec [--json]
+    trainwatch report run.twrec -o report.html
+    trainwatch upload run.twrec [--wandb-mode online]
+    trainwatch keys generate KEYDIR
+    trainwatch dashboard --project P [--entity E]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from .sinks import FanOut, Sink
+
+__all__ = ["main"]
+
+
+def _sinks(args: argparse.Namespace, default_wandb: str | None, replaying: bool = False
+           ) -> list[Sink]:
+    from .sinks.console import EventLogSink
+
+    sinks: list[Sink] = [EventLogSink()]
+    if getattr(args, "jsonl", None):
+        from .sinks.jsonl import JsonlSink
+
+        sinks.append(JsonlSink(args.jsonl))
+    mode = args.wandb_mode or default_wandb
+    if mode != "disabled":
+        from .sinks.wandb_sink import WandbSink
+
+        sinks.append(WandbSink(project=args.wandb_project, entity=args.wandb_entity,
+                               group=args.wandb_group, mode=mode, dir=args.wandb_dir,
+                               # a replay outruns wandb's start-up: wait, never drop
+                               block_when_full=replaying))
+    return sinks
+
+
+def _profile(args: argparse.Namespace):  # noqa: ANN202 - a Profile
+    from .profile import ProfileError, load_profile
+
+    try:
+        return load_profile(args.rules)
+    except ProfileError as exc:
+        raise SystemExit(f"trainwatch: bad rules profile: {exc}") from None
+
+
+def cmd_collect(args: argparse.Namespace) -> int:
+    from .pipeline import Pipeline
+    from .recording import RecordWriter
+    from .server import Collector, check_binds, rebuild
+
+    check_binds(args.bind, bool(args.curve_keys), args.insecure)
+    profile = _profile(args)
+    pipe = Pipeline(profile, FanOut(_sinks(args, None)), epoch_timeout_s=args.epoch_timeout)
+    if args.record:
+        path = Path(args.record)
+        if path.exists() and path.stat().st_size > 0:
+            n = rebuild(pipe, path)
+            logging.getLogger("trainwatch.collector").info(
+                "continuing %s: state rebuilt from %d records", path, n)
+        pipe.recorder = RecordWriter(path)
+    view = None
+    if not args.no_view:
+        from .liveview import make_view
+
+        view = make_view(sys.stdout)
+    collector = Collector(args.bind, pipe, curve_keys=args.curve_keys, once=args.once,
+                          quiet_s=args.quiet, view=view, max_msg_bytes=args.max_msg_mb << 20)
+    return collector.serve()
+
+
+def cmd_replay(args: argparse.Namespace, default_wandb: str = "disabled") -> int:
+    from .pipeline import replay
+
+    sinks = FanOut(_sinks(args, default_wandb, replaying=True))
+    pipe, st = replay(args.recording, _profile(args), sinks)
+    print(f"replayed {st.records} records ({pipe.accepted} messages, "
+          f"{sum(pipe.rejected.values())} rejected, {st.corrupted} corrupted, "
+          f"{st.truncated_bytes} truncated bytes) -> {pipe.records_out} output records",
+          file=sys.stderr)
+    return 0
+
+
+def cmd_upload(args: argparse.Namespace) -> int:
+    return cmd_replay(args, default_wandb=None)
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from .inspect import format_table, inspect_recording
+
+    info = inspect_recording(args.recording)
+    print(json.dumps(info, indent=2, sort_keys=True) if args.json else format_table(info))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .pipeline import replay
+    from .report import write_report
+    from .sinks.jsonl import MemorySink
+
+    mem = MemorySink()
+    pipe, _ = replay(args.recording, _profile(args), mem)
+    write_report(mem.records, args.output, ranks=pipe.state.rank_table())
+    print(f"wrote {args.output}", file=sys.stderr)
+    return 0
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    from .keys import generate
+
+    d = generate(args.dir)
+    print(f"wrote CURVE keys to {d} (server.key*, client.key*, authorized/)")
+    return 0
+
+
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    from .dashboard import create_workspace
+
+    print(create_workspace(args.project, args.entity))
+    return 0
+
+
+def _wandb_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--wandb-mode", choices=["offline", "online", "disabled"], default=None,
+                   help="default: offline unless an API key is configured")
+    p.add_argument("--wandb-dir", default=None, help="where offline runs are written")
+    p.add_argument("--wandb-project", default=None)
+    p.add_argument("--wandb-entity", default=None)
+    p.add_argument("--wandb-group", default=None)
+    p.add_argument("--rules", default=None, help="a TOML profile overriding the default rules")
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="trainwatch", description=__doc__.split("\n")[0])
+    ap.add_argument("-v", "--verbose", action="store_true")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    p = sub.add_parser("collect", help="run the collector")
+    p.add_argument("--bind", action="append", required=True, help="endpoint; repeatable")
+    p.add_argument("--record", help="append accepted messages to this recording")
+    p.add_argument("--jsonl", help="write records as JSON lines")
+    p.add_argument("--once", action="store_true",
+                   help="exit once every run that connected has finished")
+    p.add_argument("--quiet", type=float, default=3.0,
+                   help="with --once: seconds of silence before exiting")
+    p.add_argument("--epoch-timeout", type=float, default=60.0,
+                   help="seconds to wait for a rank before closing an epoch without it")
+    p.add_argument("--curve-keys", default=None, help="serve with CURVE keys from this folder")
+    p.add_argument("--insecure", action="store_true",
+                   help="allow a non-loopback bind without CURVE")
+    p.add_argument("--max-msg-mb", type=int, default=256)
+    p.add_argument("--no-view", action="store_true", help="no live status board")
+    _wandb_args(p)
+    p.set_defaults(func=cmd_collect)
+
+    for name, func, hlp in (("replay", cmd_replay, "feed a recording through the pipeline"),
+                            ("upload", cmd_upload, "replay a recording into wandb")):
+        p = sub.add_parser(name, help=hlp)
+        p.add_argument("recording", nargs="+")
+        p.add_argument("--jsonl")
+        _wandb_args(p)
+        p.set_defaults(func=func)
+
+    p = sub.add_parser("inspect", help="per run and rank: messages, gaps, drops")
+    p.add_argument("recording")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("report", help="an HTML health report from a recording")
+    p.add_argument("recording", nargs="+")
+    p.add_argument("-o", "--output", default="report.html")
+    p.add_argument("--rules", default=None)
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("keys", help="CURVE key management")
+    ks = p.add_subparsers(dest="keys_cmd", required=True)
+    g = ks.add_parser("generate", help="write server/client key pairs and authorized/")
+    g.add_argument("dir")
+    g.set_defaults(func=cmd_keys)
+
+    p = sub.add_parser("dashboard", help="create the seed's wandb workspace (online)")
+    p.add_argument("--project", required=True)
+    p.add_argument("--entity", default=None)
+    p.set_defaults(func=cmd_dashboard)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+                        stream=sys.stderr)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,382 @@
+"""numba kernels: single-pass moments of raw float16/bfloat16/float32/float64 arrays.
+
+Every kernel is a pure function over numpy arrays. Values are widened to float64 inside the
+kernel, non-finite values (NaN, +-Inf) are counted and kept out of the moments, and the
+moments are accumulated as (count, mean, M2) so that chunks, channels and ranks merge
+exactly with Chan's formula. No fastmath: its no-NaN/no-Inf assumptions would erase the
+finiteness checks.
+
+    raw = as_kernel_input(chunk, "bfloat16")
+    n, mean, m2, lo, hi, bad = moments_1d(raw.reshape(-1))
+    std = (m2 / n) ** 0.5
+
+How an element is widened is chosen by the array's element type when numba compiles the
+kernel, so the inner loops carry no dtype branch: float32/float64 are read as they are,
+uint16 is a bfloat16 bit pattern and int16 a float16 bit pattern (numba has no float16
+arithmetic). ``as_kernel_input`` makes those views from a declared dtype.
+
+An empty accumulator is (0, 0.0, 0.0, +inf, -inf): callers omit statistics when n == 0.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, types
+from numba.extending import intrinsic, overload
+
+__all__ = [
+    "DTYPES",
+    "as_kernel_input",
+    "channel_moments",
+    "merge_channel_moments",
+    "merge_moments",
+    "moments_1d",
+    "reduce_moments",
+    "window_median",
+]
+
+DTYPES = ("float16", "float32", "float64", "bfloat16")
+_BLOCK = 1024  # values per block: small enough that a re-read comes from L1
+_F16_SUBNORMAL = 2.0**-24  # value of the lowest float16 mantissa bit when the exponent is 0
+
+
+def as_kernel_input(arr: np.ndarray, dtype: str) -> np.ndarray:
+    """The view of a raw array the kernels read for its declared dtype (never a copy).
+
+    bfloat16 arrives as its uint16 bit pattern and stays uint16; float16 is viewed as int16.
+    """
+    arr = np.asarray(arr)
+    if dtype == "bfloat16":
+        if arr.dtype not in (np.uint16, np.int16):
+            raise ValueError(f"bfloat16 data must arrive as uint16 bit patterns, got {arr.dtype}")
+        return arr.view(np.uint16)
+    if dtype == "float16":
+        if arr.dtype != np.float16:
+            raise ValueError(f"declared float16, got {arr.dtype}")
+        return arr.view(np.int16)
+    if dtype in ("float32", "float64"):
+        if arr.dtype != np.dtype(dtype):
+            raise ValueError(f"declared {dtype}, got {arr.dtype}")
+        return arr
+    raise ValueError(f"unsupported dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+
+
+@intrinsic
+def _bits_as_f32(typingctx, bits):
+    """Reinterprets a uint32 as the float32 with that bit pattern (a free register move)."""
+    sig = types.float32(types.uint32)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.FloatType())
+
+    return sig, codegen
+
+
+@njit(cache=True)
+def _f16_bits_to_f64(raw):
+    h = np.uint32(raw) & np.uint32(0xFFFF)
+    sign = (h >> np.uint32(15)) << np.uint32(31)
+    exp = (h >> np.uint32(10)) & np.uint32(0x1F)
+    mant = h & np.uint32(0x3FF)
+    if exp == 0:  # zero or subnormal: exactly mant * 2**-24
+        v = np.float64(mant) * _F16_SUBNORMAL
+        return -v if sign else v
+    if exp == 0x1F:  # Inf / NaN keep their mantissa
+        return np.float64(_bits_as_f32(sign | np.uint32(0x7F800000) | (mant << np.uint32(13))))
+    bits = sign | ((exp + np.uint32(112)) << np.uint32(23)) | (mant << np.uint32(13))
+    return np.float64(_bits_as_f32(bits))
+
+
+def _widen(raw):
+    """One raw element as float64; chosen by the array's element type at compile time."""
+    raise NotImplementedError("only callable from jitted code")
+
+
+@overload(_widen)
+def _widen_impl(raw):
+    if raw == types.uint16:  # bfloat16 bit pattern: the top half of a float32
+        return lambda raw: np.float64(_bits_as_f32(np.uint32(raw) << np.uint32(16)))
+    if raw == types.int16:  # float16 bit pattern
+        return lambda raw: _f16_bits_to_f64(raw)
+    if isinstance(raw, types.Float):
+        return lambda raw: np.float64(raw)
+    return None
+
+
+@njit(cache=True)
+def merge_moments(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
+    """Chan et al.: the (count, mean, M2) of the union of two disjoint sets."""
+    n = n_a + n_b
+    if n_b == 0:
+        return n_a, mean_a, m2_a
+    if n_a == 0:
+        return n_b, mean_b, m2_b
+    delta = mean_b - mean_a
+    mean = mean_a + delta * (n_b / n)
+    m2 = m2_a + m2_b + delta * delta * (n_a / n) * n_b
+    return n, mean, m2
+
+
+@njit(cache=True)
+def _block_moments(buf, k):
+    """Two-pass moments of buf[:k] (all finite).
+
+    Four independent accumulators per quantity: the order of additions is fixed (no
+    reassociation needed), so LLVM can keep them in one SIMD register.
+    """
+    s0 = s1 = s2 = s3 = 0.0
+    lo0 = lo1 = lo2 = lo3 = np.inf
+    hi0 = hi1 = hi2 = hi3 = -np.inf
+    j = 0
+    while j + 4 <= k:
+        a, b, c, d = buf[j], buf[j + 1], buf[j + 2], buf[j + 3]
+        s0 += a
+        s1 += b
+        s2 += c
+        s3 += d
+        lo0 = a if a < lo0 else lo0
+        lo1 = b if b < lo1 else lo1
+        lo2 = c if c < lo2 else lo2
+        lo3 = d if d < lo3 else lo3
+        hi0 = a if a > hi0 else hi0
+        hi1 = b if b > hi1 else hi1
+        hi2 = c if c > hi2 else hi2
+        hi3 = d if d > hi3 else hi3
+        j += 4
+    while j < k:
+        a = buf[j]
+        s0 += a
+        lo0 = a if a < lo0 else lo0
+        hi0 = a if a > hi0 else hi0
+        j += 1
+    lo = min(min(lo0, lo1), min(lo2, lo3))
+    hi = max(max(hi0, hi1), max(hi2, hi3))
+    mean = ((s0 + s1) + (s2 + s3)) / k
+    q0 = q1 = q2 = q3 = 0.0
+    j = 0
+    while j + 4 <= k:
+        a = buf[j] - mean
+        b = buf[j + 1] - mean
+        c = buf[j + 2] - mean
+        d = buf[j + 3] - mean
+        q0 += a * a
+        q1 += b * b
+        q2 += c * c
+        q3 += d * d
+        j += 4
+    while j < k:
+        a = buf[j] - mean
+        q0 += a * a
+        j += 1
+    return mean, (q0 + q1) + (q2 + q3), lo, hi
+
+
+@njit(cache=True)
+def _block_shifted(x, start, stop):
+    """One read of x[start:stop]: moments shifted by the block's first value.
+
+    M2 = sum(d^2) - sum(d)^2/k with d = v - x[start] loses at most ~k ulps (a data point is
+    within sqrt(k) std of the mean), negligible for k = 1024. The first returned value is
+    False when a sum is not finite: the block holds NaN/Inf (or overflows) and must take the
+    exact path instead, so no per-element finiteness branch is needed here.
+    """
+    shift = _widen(x[start])
+    s0 = s1 = s2 = s3 = 0.0
+    q0 = q1 = q2 = q3 = 0.0
+    lo0 = lo1 = lo2 = lo3 = np.inf
+    hi0 = hi1 = hi2 = hi3 = -np.inf
+    j = start
+    while j + 4 <= stop:
+        va = _widen(x[j])
+        vb = _widen(x[j + 1])
+        vc = _widen(x[j + 2])
+        vd = _widen(x[j + 3])
+        lo0 = va if va < lo0 else lo0  # extremes of the values themselves: exact
+        lo1 = vb if vb < lo1 else lo1
+        lo2 = vc if vc < lo2 else lo2
+        lo3 = vd if vd < lo3 else lo3
+        hi0 = va if va > hi0 else hi0
+        hi1 = vb if vb > hi1 else hi1
+        hi2 = vc if vc > hi2 else hi2
+        hi3 = vd if vd > hi3 else hi3
+        a = va - shift
+        b = vb - shift
+        c = vc - shift
+        d = vd - shift
+        s0 += a
+        s1 += b
+        s2 += c
+        s3 += d
+        q0 += a * a
+        q1 += b * b
+        q2 += c * c
+        q3 += d * d
+        j += 4
+    while j < stop:
+        va = _widen(x[j])
+        lo0 = va if va < lo0 else lo0
+        hi0 = va if va > hi0 else hi0
+        a = va - shift
+        s0 += a
+        q0 += a * a
+        j += 1
+    k = stop - start
+    s = (s0 + s1) + (s2 + s3)
+    q = (q0 + q1) + (q2 + q3)
+    if not (s - s == 0.0 and q - q == 0.0):
+        return False, 0.0, 0.0, 0.0, 0.0
+    lo = min(min(lo0, lo1), min(lo2, lo3))
+    hi = max(max(hi0, hi1), max(hi2, hi3))
+    return True, shift + s / k, max(q - s * s / k, 0.0), lo, hi
+
+
+@njit(cache=True)
+def moments_1d(x):
+    """(finite count, mean, M2, min, max, non-finite count) of a 1-D array in one read.
+
+    Each block of 1024 values is reduced in one shifted pass and merged into the running
+    total with Chan. A block holding NaN/Inf is widened into a buffer without them and
+    reduced two-pass instead (the slow path, taken only where non-finite values are).
+    """
+    buf = np.empty(_BLOCK, np.float64)
+    n = 0
+    mean = 0.0
+    m2 = 0.0
+    lo = np.inf
+    hi = -np.inf
+    size = x.shape[0]
+    for start in range(0, size, _BLOCK):
+        stop = min(start + _BLOCK, size)
+        ok, b_mean, b_m2, b_lo, b_hi = _block_shifted(x, start, stop)
+        k = stop - start
+        if not ok:
+            k = 0
+            for i in range(start, stop):
+                v = _widen(x[i])
+                buf[k] = v
+                k += v - v == 0.0  # v - v is NaN exactly for NaN and +-Inf
+            if k == 0:
+                continue
+            b_mean, b_m2, b_lo, b_hi = _block_moments(buf, k)
+        n, mean, m2 = merge_moments(n, mean, m2, k, b_mean, b_m2)
+        lo = min(lo, b_lo)
+        hi = max(hi, b_hi)
+    return n, mean, m2, lo, hi, size - n
+
+
+@njit(cache=True)
+def _column_exact(x, start, stop, c):
+    """Two-pass moments of the finite values of x[start:stop, c]: the non-finite fallback."""
+    k = 0
+    total = 0.0
+    lo = np.inf
+    hi = -np.inf
+    for r in range(start, stop):
+        v = _widen(x[r, c])
+        if v - v == 0.0:
+            k += 1
+            total += v
+            lo = min(lo, v)
+            hi = max(hi, v)
+    if k == 0:
+        return 0, 0.0, 0.0, lo, hi
+    mean = total / k
+    m2 = 0.0
+    for r in range(start, stop):
+        v = _widen(x[r, c])
+        if v - v == 0.0:
+            m2 += (v - mean) * (v - mean)
+    return k, mean, m2, lo, hi
+
+
+@njit(cache=True)
+def channel_moments(x):
+    """Per-channel moments of a 2-D (N, C) array: arrays (count, mean, M2, min, max, bad).
+
+    Row blocks are reduced in one shifted pass per channel (as in ``moments_1d``), the
+    channels side by side; a channel whose block holds NaN/Inf is redone exactly.
+    """
+    rows, chans = x.shape
+    n = np.zeros(chans, np.int64)
+    mean = np.zeros(chans, np.float64)
+    m2 = np.zeros(chans, np.float64)
+    lo = np.full(chans, np.inf)
+    hi = np.full(chans, -np.inf)
+    shift = np.zeros(chans, np.float64)
+    bs = np.zeros(chans, np.float64)
+    bq = np.zeros(chans, np.float64)
+    blo = np.zeros(chans, np.float64)
+    bhi = np.zeros(chans, np.float64)
+    block_rows = max(1, _BLOCK // max(chans, 1))
+    for start in range(0, rows, block_rows):
+        stop = min(start + block_rows, rows)
+        for c in range(chans):
+            shift[c] = _widen(x[start, c])
+        bs[:] = 0.0
+        bq[:] = 0.0
+        blo[:] = np.inf
+        bhi[:] = -np.inf
+        for r in range(start, stop):
+            for c in range(chans):
+                v = _widen(x[r, c])
+                blo[c] = v if v < blo[c] else blo[c]
+                bhi[c] = v if v > bhi[c] else bhi[c]
+                d = v - shift[c]
+                bs[c] += d
+                bq[c] += d * d
+        k = stop - start
+        for c in range(chans):
+            if bs[c] - bs[c] == 0.0 and bq[c] - bq[c] == 0.0:
+                b_n, b_mean, b_m2 = k, shift[c] + bs[c] / k, max(bq[c] - bs[c] * bs[c] / k, 0.0)
+                b_lo, b_hi = blo[c], bhi[c]
+            else:
+                b_n, b_mean, b_m2, b_lo, b_hi = _column_exact(x, start, stop, c)
+            n[c], mean[c], m2[c] = merge_moments(n[c], mean[c], m2[c], b_n, b_mean, b_m2)
+            lo[c] = min(lo[c], b_lo)
+            hi[c] = max(hi[c], b_hi)
+    return n, mean, m2, lo, hi, rows - n
+
+
+@njit(cache=True)
+def merge_channel_moments(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
+    """Element-wise Chan merge of two per-channel accumulators; returns new arrays."""
+    size = n_a.shape[0]
+    n = np.empty(size, np.int64)
+    mean = np.empty(size, np.float64)
+    m2 = np.empty(size, np.float64)
+    for c in range(size):
+        n[c], mean[c], m2[c] = merge_moments(n_a[c], mean_a[c], m2_a[c], n_b[c], mean_b[c], m2_b[c])
+    return n, mean, m2
+
+
+@njit(cache=True)
+def reduce_moments(n, mean, m2):
+    """Pools a vector of (count, mean, M2) accumulators (channels, ranks) into one."""
+    tn = 0
+    tmean = 0.0
+    tm2 = 0.0
+    for i in range(n.shape[0]):
+        tn, tmean, tm2 = merge_moments(tn, tmean, tm2, n[i], mean[i], m2[i])
+    return tn, tmean, tm2
+
+
+@njit(cache=True)
+def window_median(values):
+    """Median of the finite values of a small window (insertion sort); NaN when none."""
+    tmp = np.empty(values.shape[0], np.float64)
+    k = 0
+    for i in range(values.shape[0]):
+        v = values[i]
+        if v - v == 0.0:
+            j = k
+            while j > 0 and tmp[j - 1] > v:
+                tmp[j] = tmp[j - 1]
+                j -= 1
+            tmp[j] = v
+            k += 1
+    if k == 0:
+        return np.nan
+    if k % 2 == 1:
+        return tmp[k // 2]
+    return 0.5 * (tmp[k // 2 - 1] + tmp[k // 2])

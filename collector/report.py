@@ -1,0 +1,305 @@
+"""The HTML health report: one self-contained page from the collector's records.
+
+A verdict first, then the sweep table, then per run the seed's four dashboard panels, the
+health-event timeline, the diagnoses with their remedies and the per-rank counts. plotly.js
+is embedded once, so the file opens offline (it is about 5 MB)::
+
+    write_report(records, "out/report.html", ranks=server.rank_counts())
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from collections.abc import Iterable
+from html import escape
+from typing import Any
+
+from collector import report_plots
+from collector.report_model import (
+    SEVERITY_RANK,
+    RunData,
+    Verdict,
+    epoch_spans,
+    group_runs,
+    summary_row,
+    verdict,
+)
+
+__all__ = ["render_report", "write_report"]
+
+SUMMARY_COLUMNS = (  # the seed's sweep priorities first
+    ("final_knee_healthy", "final knee healthy"), ("final_grf_healthy", "final GRF healthy"),
+    ("min_total_loss", "min total loss"), ("first_knee_healthy_epoch", "first knee healthy"),
+    ("first_grf_healthy_epoch", "first GRF healthy"), ("total_loss_slope", "loss slope"),
+    ("grad_norm_mean_cv", "grad norm CV"), ("ema_diff_mean", "mean EMA diff"),
+    ("dropped", "dropped"), ("rejected", "rejected"),
+)
+PHASES = {1: "early training", 2: "convergence", 3: "fine-tuning"}
+LEVEL_TEXT = {"healthy": "Healthy", "recovered": "Warnings earlier",
+              "unhealthy": "Unhealthy", "no data": "No data yet"}
+LEVEL_ORDER = ("unhealthy", "recovered", "no data", "healthy")
+
+_CSS = """
+:root{--good:#1b7f3b;--warn:#b45309;--bad:#b3261e;--mute:#64748b;--line:#e2e8f0}
+*{box-sizing:border-box}body{margin:0;font:14px/1.45 system-ui,-apple-system,"Segoe UI",
+Roboto,sans-serif;color:#0f172a;background:#f8fafc}main{max-width:1500px;margin:auto;
+padding:0 20px 40px}h1{margin:0 0 4px;font-size:22px}h2{margin:28px 0 8px;font-size:19px}
+h3{margin:18px 0 6px;font-size:16px}.verdict{padding:18px 20px;color:#fff}
+.verdict p{margin:2px 0;font-size:15px}.lvl-healthy{background:var(--good)}
+.lvl-recovered{background:var(--warn)}.lvl-unhealthy{background:var(--bad)}
+.lvl-no-data{background:var(--mute)}.verdict a{color:#fff}.card{background:#fff;
+border:1px solid var(--line);border-radius:8px;padding:12px 16px;margin:12px 0}
+.grid{display:grid;grid-template-columns:repeat(auto-fit,minmax(560px,1fr));gap:12px}
+.badge{display:inline-block;padding:1px 8px;border-radius:10px;color:#fff;font-size:12px;
+font-weight:600}table{border-collapse:collapse;width:100%;background:#fff}
+th,td{padding:5px 9px;border-bottom:1px solid var(--line);text-align:left;
+vertical-align:top}th{background:#f1f5f9;font-weight:600}td.n{text-align:right;
+font-variant-numeric:tabular-nums}tr.best td{background:#ecfdf5}.bad{color:var(--bad);
+font-weight:600}.ok{color:var(--good)}.empty{color:var(--mute);font-style:italic}
+.facts{color:var(--mute)}.facts b{color:#0f172a}.sev-critical,.sev-error{background:var(--bad)}
+.sev-warning,.sev-warn{background:var(--warn)}.sev-info{background:var(--mute)}
+.remedy{border-left:4px solid var(--warn);padding:6px 12px;margin:8px 0;background:#fffbeb}
+details{margin:6px 0}summary{cursor:pointer;color:var(--mute)}
+"""
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "NaN"
+        if value.is_integer() and abs(value) < 1e9:
+            return str(int(value))
+        return f"{value:.4g}"
+    return escape(str(value))
+
+
+def _level_class(level: str) -> str:
+    return "lvl-" + level.replace(" ", "-")
+
+
+def _badge(level: str) -> str:
+    return f'<span class="badge {_level_class(level)}">{LEVEL_TEXT[level]}</span>'
+
+
+def _severity_badge(severity: str) -> str:
+    cls = "sev-" + (severity.lower() if severity.lower() in SEVERITY_RANK else "warning")
+    return f'<span class="badge {cls}">{escape(severity)}</span>'
+
+
+def _table(headers: Iterable[str], rows: Iterable[Iterable[str]], numeric: set[int],
+           row_classes: list[str] | None = None) -> str:
+    head = "".join(f"<th>{h}</th>" for h in headers)
+    body = []
+    for i, row in enumerate(rows):
+        cls = f' class="{row_classes[i]}"' if row_classes and row_classes[i] else ""
+        cells = "".join(f'<td class="n">{c}</td>' if j in numeric else f"<td>{c}</td>"
+                        for j, c in enumerate(row))
+        body.append(f"<tr{cls}>{cells}</tr>")
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+
+
+def _verdict_header(title: str, runs: list[RunData], verdicts: list[Verdict],
+                    ranks: dict | None) -> str:
+    level = min((v.level for v in verdicts), key=LEVEL_ORDER.index, default="no data")
+    lines = []
+    if not runs:
+        lines.append("No run has reported yet.")
+    elif level == "healthy":
+        lines.append(f"All {len(runs)} run(s) healthy: no health rule fired.")
+    for run, v in zip(runs, verdicts, strict=True):
+        if v.fired or v.diagnoses:
+            what = ", ".join(escape(r) for r in dict.fromkeys(v.fired + v.diagnoses))
+            now = (" — active now: " + ", ".join(escape(r) for r in v.active)) if v.active else ""
+            lines.append(f'<a href="#{run.anchor}">{escape(run.run)}</a>: {LEVEL_TEXT[v.level]}'
+                         f" — fired: {what}{now}")
+        elif v.level == "no data":
+            lines.append(f'<a href="#{run.anchor}">{escape(run.run)}</a>: no epoch closed yet')
+    lost = sum(_lost(r, ranks) for r in runs)
+    if lost:
+        lines.append(f"Data incomplete: {lost} message(s) dropped or rejected.")
+    body = "".join(f"<p>{line}</p>" for line in lines)
+    return (f'<header class="verdict {_level_class(level)}"><h1>{escape(title)}: '
+            f"{LEVEL_TEXT[level]}</h1>{body}</header>")
+
+
+def _sweep_table(runs: list[RunData], verdicts: list[Verdict]) -> str:
+    rows = [(run, v, summary_row(run)) for run, v in zip(runs, verdicts, strict=True)]
+    rows.sort(key=lambda t: (-_sort_num(t[2].get("final_knee_healthy"), 0.0),
+                             -_sort_num(t[2].get("final_grf_healthy"), 0.0),
+                             _sort_num(t[2].get("min_total_loss"), math.inf)))
+    extra = sorted({k for _, _, s in rows for k in s} - {k for k, _ in SUMMARY_COLUMNS}
+                   - {"_live"})
+    headers = ["run", "verdict", "epochs"] + [h for _, h in SUMMARY_COLUMNS] + \
+        [escape(k) for k in extra]
+    table_rows, classes = [], []
+    for i, (run, v, s) in enumerate(rows):
+        live = ' <span class="facts">(live)</span>' if s.get("_live") else ""
+        cells = [f'<a href="#{run.anchor}">{escape(run.run)}</a>{live}', _badge(v.level),
+                 _fmt(run.last_epoch())]
+        cells += [_fmt(s.get(k)) for k, _ in SUMMARY_COLUMNS] + [_fmt(s.get(k)) for k in extra]
+        table_rows.append(cells)
+        classes.append("best" if i == 0 and len(rows) > 1 else "")
+    note = ('<p class="facts">Ranked by the seed\'s sweep priorities: final knee and GRF '
+            "health, then the lowest total loss. (live) rows have no summary record yet; "
+            "their figures come from the epochs so far.</p>")
+    return ("<h2>Sweep summary</h2>" + note +
+            _table(headers, table_rows, set(range(2, len(headers))), classes))
+
+
+def _sort_num(value: Any, missing: float) -> float:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return float(value) if ok else missing
+
+
+def _facts(run: RunData, v: Verdict) -> str:
+    last = run.last_metrics()
+    facts = [f"world size <b>{_fmt(run.world_size)}</b>",
+             f"epochs <b>{len(run.epochs)}</b> (last <b>{_fmt(run.last_epoch())}</b>)"]
+    phase = last.get("health/phase")
+    if isinstance(phase, (int, float)) and math.isfinite(phase):
+        facts.append(f"phase <b>{int(phase)}</b> ({PHASES.get(int(phase), 'unknown')})")
+    score = last.get("health/mode_collapse_score")
+    if isinstance(score, (int, float)) and math.isfinite(score):
+        cls = "bad" if score >= 3 else "ok"
+        facts.append(f'mode-collapse checklist <b class="{cls}">{int(score)}/6</b> '
+                     "(3 or more: collapse)")
+    out = f'<p class="facts">{_badge(v.level)} ' + " · ".join(facts) + "</p>"
+    for name, values in (("Configuration", run.config), ("Data statistics", run.data_stats),
+                         ("Environment", run.env)):
+        if values:
+            rows = [(escape(str(k)), _fmt(val)) for k, val in sorted(values.items())]
+            out += (f"<details><summary>{name} ({len(rows)})</summary>"
+                    f"{_table(['key', 'value'], rows, {1})}</details>")
+    return out
+
+
+def _panels(run: RunData) -> str:
+    notes = ("no epoch has closed yet",
+             "no validation epoch yet (the seed validates every 50 epochs)",
+             "no batch-loss, generation or EMA statistics yet",
+             "no loss components reported (loss_ratio/*)")
+    cards = []
+    for i, title in enumerate(report_plots.PANEL_TITLES):
+        div = report_plots.panel_figure(i, run.epochs, f"{run.anchor}-panel{i + 1}")
+        body = div if div else f'<p class="empty">{notes[i]}</p>'
+        cards.append(f'<div class="card"><h3>{i + 1}. {title}</h3>{body}</div>')
+    return f'<div class="grid">{"".join(cards)}</div>'
+
+
+def _events(run: RunData) -> str:
+    out = "<h3>Health events</h3>"
+    timeline = report_plots.events_timeline(run.events, f"{run.anchor}-events")
+    if timeline is None:
+        return out + '<p class="empty">No health event: every rule stayed quiet.</p>'
+    rows = []
+    for rule, items in run.events_by_rule().items():
+        severity = min((str(e.get("severity", "warning")) for _, e in items),
+                       key=lambda s: SEVERITY_RANK.get(s.lower(), 2))
+        rows.append((escape(rule), _severity_badge(severity),
+                     escape(epoch_spans(e for e, _ in items)), str(len(items)),
+                     escape(str(items[-1][1].get("message", "")))))
+    return out + f'<div class="card">{timeline}</div>' + _table(
+        ["rule", "worst severity", "epochs", "count", "latest message"], rows, {3})
+
+
+def _diagnoses(run: RunData) -> str:
+    out = "<h3>Diagnoses and remedies</h3>"
+    diagnosed = run.diagnoses()
+    remedies = run.remedies()
+    parts = []
+    for diag_id, epochs in diagnosed.items():
+        remedy = run.remedy_for(diag_id)
+        text = escape(remedy) if remedy else '<span class="empty">no remedy recorded</span>'
+        parts.append(f'<div class="remedy"><b>{escape(diag_id)}</b> '
+                     f'<span class="facts">(epochs {escape(epoch_spans(epochs))})</span>'
+                     f"<br>Remedy: {text}</div>")
+    shown = {run.remedy_for(d) for d in diagnosed}
+    other = [(rule, remedy) for rule, remedy in remedies.items() if remedy not in shown]
+    if other:
+        parts.append(_table(["rule", "remedy"],
+                            [(escape(r), escape(m)) for r, m in other], set()))
+    if not parts:
+        return out + ('<p class="empty">No diagnosis: none of the seed\'s problem patterns '
+                      "matched.</p>")
+    return out + "".join(parts)
+
+
+def _ranks(run: RunData, counts: dict[Any, dict[str, Any]] | None) -> str:
+    out = "<h3>Ranks</h3>"
+    by_name = {str(k): v for k, v in (counts or {}).items()}
+    names = set(by_name) | set(run.missing) | run.ranks_seen
+    if not names:
+        return out + '<p class="empty">No per-rank counts for this run.</p>'
+    rows = []
+    for name in sorted(names, key=lambda k: (0, int(k), k) if k.isdigit() else (1, 0, k)):
+        c = by_name.get(name) or {}
+        cells = [escape(name)]
+        for key in ("messages", "seq_gaps", "reported_drops", "rejected"):
+            value = c.get(key)
+            bad = key != "messages" and isinstance(value, (int, float)) and value > 0
+            cells.append(f'<span class="bad">{_fmt(value)}</span>' if bad else _fmt(value))
+        n_missing = run.missing.get(name, 0)
+        cells.append(f'<span class="bad">{n_missing}</span>' if n_missing else "0")
+        rows.append(cells)
+    return out + _table(["rank", "messages", "sequence gaps", "reported drops", "rejected",
+                         "epochs missing"], rows, {1, 2, 3, 4, 5})
+
+
+def _lost(run: RunData, ranks: dict | None) -> int:
+    """Messages lost to drops or rejects: the summary's count, or the per-rank counts."""
+    per_rank = sum(int(c.get("reported_drops") or 0) + int(c.get("rejected") or 0)
+                   for c in ((ranks or {}).get(run.run) or {}).values() if isinstance(c, dict))
+    return max(run.lost(), per_rank)
+
+
+def _run_section(run: RunData, v: Verdict, ranks: dict[str, Any] | None) -> str:
+    counts = (ranks or {}).get(run.run)
+    return (f'<section id="{run.anchor}"><h2>Run {escape(run.run)}</h2>{_facts(run, v)}'
+            f"{_panels(run)}{_events(run)}{_diagnoses(run)}{_ranks(run, counts)}</section>")
+
+
+def render_report(records: list[dict], ranks: dict | None = None,
+                  title: str | None = None) -> str:
+    """One self-contained HTML page for ``records`` (any mix of runs and record types)."""
+    from plotly.offline import get_plotlyjs
+
+    title = title or "trainwatch health report"
+    runs = group_runs(records)
+    verdicts = [verdict(run) for run in runs]
+    sections = "".join(_run_section(r, v, ranks) for r, v in zip(runs, verdicts, strict=True))
+    sweep = _sweep_table(runs, verdicts) if runs else ""
+    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            '<meta name="viewport" content="width=device-width, initial-scale=1">'
+            f"<title>{escape(title)}</title><style>{_CSS}</style>"
+            f'<script type="text/javascript">{get_plotlyjs()}</script></head><body>'
+            f"{_verdict_header(title, runs, verdicts, ranks)}<main>{sweep}{sections}</main>"
+            "</body></html>\n")
+
+
+def write_report(records: list[dict], path: str | os.PathLike[str],
+                 ranks: dict | None = None, title: str | None = None) -> None:
+    """Render and write atomically: a reader never sees half a report."""
+    text = render_report(records, ranks=ranks, title=title)
+    target = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(target))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".report-", suffix=".html.tmp", dir=directory)
+    try:
+        os.fchmod(fd, 0o644)  # mkstemp makes 0600; a report is for sharing
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise

@@ -1,0 +1,296 @@
+"""Evaluating the profile's rules and diagnoses on one epoch's metrics: flags and events.
+
+No I/O. Each condition kind is one small function in ``_KINDS``; a rule or a diagnosis is
+profile data naming a kind and its parameters. ``RuleEngine`` keeps what the rules need to
+remember about a run: recent values of each metric and which rules are firing, so that an
+event is emitted once when a rule starts firing and once when it clears.
+
+    engine = RuleEngine(profile)
+    flags, events = engine.evaluate(values, phase=1, details={}, config={})
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from .kernels import window_median
+from .profile import Condition, Diagnosis, Profile, Rule
+
+__all__ = ["History", "RuleEngine", "check", "format_value"]
+
+_OPS: dict[str, Callable[[float, float], bool]] = {
+    ">": operator.gt, ">=": operator.ge, "<": operator.lt, "<=": operator.le,
+    "==": operator.eq, "!=": operator.ne}
+# A message naming a field its kind does not fill shows "nan" / "" rather than failing.
+_BLANK = {"value": math.nan, "threshold": math.nan, "metric": "", "median": math.nan,
+          "factor": math.nan, "previous": math.nan, "change": math.nan, "streak": 0,
+          "count": 0, "slope": math.nan, "denominator": "", "window": 0, "length": 0,
+          "min_count": 0}
+
+Result = dict[str, Any]  # "holds" plus the message fields the kind knows
+
+
+class History:
+    """The last ``maxlen`` values of each metric of one run (epochs that had it), oldest first."""
+
+    def __init__(self, maxlen: int) -> None:
+        self.maxlen = maxlen
+        self._series: dict[str, deque[float]] = {}
+
+    def values(self, name: str) -> list[float]:
+        return list(self._series.get(name, ()))
+
+    def latest(self, name: str) -> float | None:
+        s = self._series.get(name)
+        return s[-1] if s else None
+
+    def push(self, values: dict[str, float]) -> None:
+        for name, v in values.items():
+            s = self._series.get(name)
+            if s is None:
+                s = self._series[name] = deque(maxlen=self.maxlen)
+            s.append(v)
+
+
+def _value(c: Condition, name: str, values: dict[str, float], hist: History) -> float | None:
+    v = values.get(name)
+    if v is None and c.latest:
+        v = hist.latest(name)
+    return v
+
+
+def _names(c: Condition, values: dict[str, float]) -> list[str]:
+    out: list[str] = []
+    for m in c.metrics:
+        if m.endswith("/*"):
+            out += sorted(k for k in values if k.startswith(m[:-1]))
+        else:
+            out.append(m)
+    return out
+
+
+def _threshold(c: Condition, values: dict[str, float], hist: History) -> Result | None:
+    op, last = _OPS[c.op], None
+    for name in _names(c, values):
+        v = _value(c, name, values, hist)
+        if v is None:
+            continue
+        last = {"holds": op(v, c.threshold), "value": v, "metric": name,
+                "threshold": c.threshold}
+        if last["holds"]:
+            return last
+    return last
+
+
+def _ratio(c: Condition, values: dict[str, float], hist: History) -> Result | None:
+    num = _value(c, c.metrics[0], values, hist)
+    den = _value(c, c.denominator, values, hist)
+    if num is None or den is None or den == 0:
+        return None
+    v = num / den
+    return {"holds": _OPS[c.op](v, c.threshold), "value": v, "metric": c.metrics[0],
+            "denominator": c.denominator, "threshold": c.threshold}
+
+
+def _surge(c: Condition, values: dict[str, float], hist: History) -> Result | None:
+    name = c.metrics[0]
+    v, prev = values.get(name), hist.values(name)[-c.window:]
+    if v is None or len(prev) < c.min_count:
+        return None
+    median = float(window_median(np.asarray(prev, dtype=np.float64)))
+    return {"holds": v > c.factor * median, "value": v, "metric": name, "median": median,
+            "factor": c.factor, "window": c.window}
+
+
+def _change(c: Condition, values: dict[str, float], hist: History) -> Result | None:
+    last = None
+    for name in _names(c, values):
+        v, prev = values.get(name), hist.latest(name)
+        if v is None or prev is None or prev == 0:
+            continue
+        change = abs(v - prev) / abs(prev)
+        last = {"holds": change > c.threshold, "value": v, "metric": name, "previous": prev,
+                "change": change, "threshold": c.threshold}
+        if last["holds"]:
+            return last
+    return last
+
+
+def _streak(c: Condition, values: dict[str, float], hist: History) -> Result | None:
+    name = c.metrics[0]
+    v = values.get(name)
+    if v is None:
+        return None
+    op, streak = _OPS[c.op], 0
+    if op(v, c.threshold):
+        streak = 1
+        for prev in reversed(hist.values(name)):
+            if not op(prev, c.threshold):
+                break
+            streak += 1
+    return {"holds": streak >= c.length, "value": v, "metric": name, "streak": streak,
+            "length": c.length, "threshold": c.threshold}
+
+
+def _count(c: Condition, values: dict[str, float], hist: History) -> Result | None:
+    name = c.metrics[0]
+    v = values.get(name)
+    if v is None:
+        return None
+    recent = hist.values(name)[-(c.window - 1):] if c.window > 1 else []
+    count = sum(1 for x in [*recent, v] if _OPS[c.op](x, c.threshold))
+    return {"holds": count >= c.min_count, "value": v, "metric": name, "count": count,
+            "window": c.window, "min_count": c.min_count, "threshold": c.threshold}
+
+
+def _slope(c: Condition, values: dict[str, float], hist: History) -> Result | None:
+    name = c.metrics[0]
+    v = values.get(name)
+    recent = hist.values(name)[-(c.window - 1):] if c.window > 1 else []
+    if v is None or len(recent) + 1 < max(c.min_count, 2):
+        return None
+    y = np.asarray([*recent, v], dtype=np.float64)
+    x = np.arange(y.size, dtype=np.float64) - (y.size - 1) / 2.0
+    slope = float(np.dot(x, y - y.mean()) / np.dot(x, x))
+    return {"holds": _OPS[c.op](slope, c.threshold), "value": v, "metric": name,
+            "slope": slope, "window": c.window, "threshold": c.threshold}
+
+
+_KINDS: dict[str, Callable[[Condition, dict[str, float], History], Result | None]] = {
+    "threshold": _threshold, "ratio": _ratio, "surge": _surge, "change": _change,
+    "streak": _streak, "count": _count, "slope": _slope}
+
+
+def check(c: Condition, values: dict[str, float], hist: History) -> Result | None:
+    """A condition on this epoch's values: None when it cannot be judged, else a Result."""
+    return _KINDS[c.kind](c, values, hist)
+
+
+def format_value(v: Any) -> str:
+    """Config values as people write them: 4e-4, 64, 0.5."""
+    if isinstance(v, bool) or not isinstance(v, int | float):
+        return str(v)
+    if float(v).is_integer() and abs(v) < 1e15:
+        return str(int(v))
+    if abs(v) < 1e-2 or abs(v) >= 1e5:
+        mant, exp = f"{v:.3e}".split("e")
+        return f"{mant.rstrip('0').rstrip('.')}e{int(exp)}"
+    return f"{v:.4g}"
+
+
+def _suggestions(suggest: tuple[tuple[str, float | str], ...], config: dict[str, Any]) -> str:
+    parts = []
+    for name, want in suggest:
+        have = config.get(name)
+        if have is None or (not isinstance(want, str) and isinstance(have, int | float)
+                            and not isinstance(have, bool)
+                            and math.isclose(float(have), want, rel_tol=1e-9)):
+            continue
+        parts.append(f"{name} is {format_value(have)}; the guide suggests {format_value(want)}")
+    return ". ".join(parts)
+
+
+def _remedy(text: str, suggest: tuple[tuple[str, float | str], ...], config: dict) -> str:
+    extra = _suggestions(suggest, config)
+    return f"{text} {extra}." if extra and text else (text or extra)
+
+
+class RuleEngine:
+    """One run's rule state; ``evaluate`` once per closed epoch, in epoch order."""
+
+    def __init__(self, profile: Profile) -> None:
+        self.profile = profile
+        self.history = History(profile.history_len)
+        self.active: set[str] = set()
+
+    def evaluate(self, values: dict[str, float], phase: int, details: dict[str, str],
+                 config: dict[str, Any]) -> tuple[dict[str, int], list[dict]]:
+        """Flags (``health/<id>``, ``diagnosis/<id>``: 0/1 where judged) and events."""
+        flags: dict[str, int] = {}
+        events: list[dict] = []
+        for rule in self.profile.rules:
+            res = check(rule.condition, values, self.history) if _in(rule, phase) else None
+            if res is not None:
+                flags[f"health/{rule.id}"] = int(res["holds"])
+            self._transition(rule.id, res, _in(rule, phase), events,
+                             lambda r, rule=rule: self._rule_event(rule, r, details, config))
+        for diag in self.profile.diagnoses:
+            res = self._diagnose(diag, values) if _in(diag, phase) else None
+            if res is not None:
+                flags[f"diagnosis/{diag.id}"] = int(res["holds"])
+                if diag.score:
+                    flags[f"health/{diag.id}_score"] = res["count"]
+                    flags[f"health/{diag.id}"] = int(res["holds"])
+            self._transition(f"diagnosis/{diag.id}", res, _in(diag, phase), events,
+                             lambda r, diag=diag: self._diag_event(diag, r, config))
+        self.history.push(values)
+        return flags, events
+
+    def activate(self, key: str) -> bool:
+        """Marks a rule firing between epochs (an immediate event); True if it was not."""
+        if key in self.active:
+            return False
+        self.active.add(key)
+        return True
+
+    def rule_event(self, rule_id: str, message: str, config: dict[str, Any]) -> dict | None:
+        """The start event of a rule with a message of the caller's; None if no such rule."""
+        for rule in self.profile.rules:
+            if rule.id == rule_id:
+                return {"rule": rule.id, "severity": rule.severity, "message": message,
+                        "remedy": _remedy(rule.remedy, rule.suggest, config)}
+        return None
+
+    def _transition(self, key: str, res: Result | None, in_phase: bool, events: list[dict],
+                    start: Callable[[Result], dict]) -> None:
+        if res is not None and res["holds"]:
+            if key not in self.active:
+                self.active.add(key)
+                events.append(start(res))
+        elif key in self.active and (res is not None or not in_phase):
+            self.active.discard(key)
+            why = "" if res is None else _cleared(res)
+            events.append({"rule": key, "severity": "info",
+                           "message": f"{key} cleared{why}", "remedy": ""})
+
+    def _diagnose(self, diag: Diagnosis, values: dict[str, float]) -> Result | None:
+        results = [(name, check(c, values, self.history)) for name, c in diag.conditions]
+        judged = [name for name, r in results if r is not None]
+        if len(judged) < diag.require:
+            return None
+        held = [name for name, r in results if r is not None and r["holds"]]
+        return {"holds": len(held) >= diag.require, "count": len(held), "held": held}
+
+    def _rule_event(self, rule: Rule, res: Result, details: dict[str, str],
+                    config: dict[str, Any]) -> dict:
+        try:
+            message = rule.message.format(**{**_BLANK, **res})
+        except (KeyError, IndexError, ValueError):
+            message = f"{rule.id}: {res.get('metric')} = {res.get('value')}"
+        if details.get(rule.detail):
+            message = f"{message}; {details[rule.detail]}"
+        return {"rule": rule.id, "severity": rule.severity, "message": message,
+                "remedy": _remedy(rule.remedy, rule.suggest, config)}
+
+    def _diag_event(self, diag: Diagnosis, res: Result, config: dict[str, Any]) -> dict:
+        message = (f"{diag.id.replace('_', ' ')}: {res['count']} of {len(diag.conditions)} "
+                   f"conditions hold ({', '.join(res['held'])}). Cause: {diag.cause}")
+        return {"rule": f"diagnosis/{diag.id}", "severity": diag.severity, "message": message,
+                "remedy": _remedy(diag.remedy, diag.suggest, config)}
+
+
+def _in(item: Rule | Diagnosis, phase: int) -> bool:
+    return not item.phases or phase in item.phases
+
+
+def _cleared(res: Result) -> str:
+    v = res.get("value")
+    if isinstance(v, int | float) and res.get("metric"):
+        return f": {res['metric']} is {v:.4g}"
+    return ""

@@ -1,0 +1,178 @@
+"""The live collector: one PULL socket that every rank of every run connects to.
+
+The loop drains the socket in batches into the pipeline, flushes the recording after
+each batch (so a SIGKILL loses at most the batch in flight), and every half second asks
+the pipeline for the clock's decisions and refreshes the status view. SIGINT/SIGTERM:
+drain what has arrived, finish the recording and the sinks, return 0.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import signal
+import time
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import zmq
+
+from .pipeline import Pipeline
+
+__all__ = ["Collector", "check_binds"]
+
+_log = logging.getLogger("trainwatch.collector")
+
+DRAIN_BATCH = 5000
+TICK_S = 0.5
+
+
+def _is_local(endpoint: str) -> bool:
+    if endpoint.startswith(("ipc://", "inproc://")):
+        return True
+    host = urlsplit(endpoint).hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_binds(binds: list[str], curve: bool, insecure: bool) -> None:
+    """Refuse a network bind without CURVE unless the user said --insecure."""
+    exposed = [b for b in binds if not _is_local(b)]
+    if exposed and not curve:
+        if not insecure:
+            raise SystemExit(
+                f"trainwatch: refusing to bind {', '.join(exposed)} without authentication: "
+                "pass --curve-keys DIR (made by 'trainwatch keys generate DIR'), or "
+                "--insecure to accept anyone who can reach that address")
+        _log.warning("binding %s with NO authentication (--insecure)", ", ".join(exposed))
+
+
+class Collector:
+    """Serves ``binds`` into ``pipeline`` until stopped (or, with ``once``, until done)."""
+
+    def __init__(self, binds: list[str], pipeline: Pipeline, curve_keys: str | None = None,
+                 once: bool = False, quiet_s: float = 3.0, view: Any = None,
+                 max_msg_bytes: int = 256 << 20, rcvhwm: int = 100_000) -> None:
+        self.binds = binds
+        self.pipeline = pipeline
+        self.curve_keys = curve_keys
+        self.once = once
+        self.quiet_s = quiet_s
+        self.view = view
+        self.max_msg_bytes = max_msg_bytes
+        self.rcvhwm = rcvhwm
+        self._stop = False
+        self.started = time.monotonic()
+        self._counts: dict[str, tuple[float, int]] = {}
+
+    def stop(self, *_: Any) -> None:
+        self._stop = True
+
+    def serve(self) -> int:
+        ctx = zmq.Context()
+        auth = None
+        sock = ctx.socket(zmq.PULL)
+        sock.setsockopt(zmq.RCVHWM, self.rcvhwm)
+        sock.setsockopt(zmq.MAXMSGSIZE, self.max_msg_bytes)
+        sock.setsockopt(zmq.LINGER, 0)
+        if self.curve_keys:
+            from .keys import start_authenticator
+
+            auth = start_authenticator(ctx, sock, self.curve_keys)
+        for b in self.binds:
+            sock.bind(b)
+        _log.info("collecting on %s", ", ".join(self.binds))
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self.stop)
+        try:
+            self._loop(sock)
+            self._drain(sock)
+        finally:
+            self.pipeline.finish()
+            if self.view is not None:
+                self.view.update(self.status())
+                self.view.close()
+            sock.close()
+            if auth is not None:
+                auth.stop()
+            ctx.term()
+        return 0
+
+    def _loop(self, sock: zmq.Socket) -> None:
+        last_msg = time.monotonic()
+        next_tick = last_msg + TICK_S
+        while not self._stop:
+            if sock.poll(int(TICK_S * 1000), zmq.POLLIN):
+                if self._drain(sock, DRAIN_BATCH):
+                    last_msg = time.monotonic()
+            now = time.monotonic()
+            if now >= next_tick:
+                next_tick = now + TICK_S
+                self.pipeline.tick(now)
+                if self.pipeline.recorder is not None:
+                    self.pipeline.recorder.flush()
+                if self.view is not None:
+                    self.view.update(self.status())
+                if self.once and self.pipeline.state.all_finished() \
+                        and now - last_msg >= self.quiet_s:
+                    return
+
+    def _drain(self, sock: zmq.Socket, limit: int | None = None) -> int:
+        """Feed what is waiting (up to ``limit``) without blocking; flush the recording."""
+        feed, recv = self.pipeline.feed, sock.recv_multipart
+        n = 0
+        while limit is None or n < limit:
+            try:
+                frames = recv(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            feed(frames)
+            n += 1
+        if n and self.pipeline.recorder is not None:
+            self.pipeline.recorder.flush()
+        return n
+
+    def status(self) -> dict:
+        """What the live view shows; computed from the state, twice a second at most."""
+        p = self.pipeline
+        now = time.monotonic()
+        runs = {}
+        for name, run in p.state.runs.items():
+            msgs = sum(r.counters.messages for r in run.ranks.values())
+            t0, n0 = self._counts.get(name, (self.started, 0))
+            rate = (msgs - n0) / max(1e-3, now - t0)
+            self._counts[name] = (now, msgs)
+            runs[name] = {
+                "epoch": run.last_closed if run.last_closed >= 0 else None,
+                "ranks_connected": sum(1 for r in run.ranks.values() if not r.finished),
+                "world_size": run.world_size,
+                "messages": msgs,
+                "msgs_per_s": rate,
+                "dropped": sum(r.counters.reported_drops for r in run.ranks.values()),
+                "rejected": sum(run.rejected.values()),
+                "active_warnings": p.active.get(name, []),
+                "finished": run.finished,
+            }
+        rec = p.recorder
+        return {"uptime_s": now - self.started,
+                "recorded": rec.recorded if rec else 0,
+                "unrecorded": rec.unrecorded if rec else 0,
+                "recording_error": rec.error if rec else None,
+                "rejected": dict(p.rejected), "runs": runs}
+
+
+def rebuild(pipeline: Pipeline, recording: Path) -> int:
+    """Bring the state back from an earlier session's recording, sinks muted."""
+    rec, pipeline.recorder = pipeline.recorder, None
+    pipeline.muted = True
+    try:
+        st = pipeline.feed_recording(recording)
+    finally:
+        pipeline.muted = False
+        pipeline.recorder = rec
+    return st.records

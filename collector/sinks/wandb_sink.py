@@ -1,0 +1,411 @@
+"""The wandb sink: one wandb run per training run, fed from a bounded queue on its own thread.
+
+The collector owns every wandb call, so the training loop never meets one. ``write`` only
+puts the record on a bounded queue (full -> dropped and counted); a daemon thread makes
+the wandb calls, so a slow, stalled or failing wandb never slows ingest::
+
+    sink = WandbSink(project="gait-diffusion", dir="out")   # offline unless a key is set
+    sink.write({"type": "epoch", "run": "job-17", "epoch": 3, "metrics": {...}, "events": []})
+    sink.close(timeout_s=10.0)                               # finishes open runs, returns
+    print(sink.stats)                                        # {"written": .., "dropped": ..}
+
+Each epoch record is one ``log`` call at ``step = epoch`` with ``epoch`` also defined as
+every metric's step metric, so both wandb's default axis and the epoch axis are the epoch.
+``wandb`` is imported on the sink's thread at its first run, never at collector import.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import netrc
+import os
+import queue
+import re
+import threading
+import time
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from . import Record
+
+try:
+    from ..dashboard import THRESHOLD_SERIES
+except ImportError:  # the dashboard module is optional; the series are the seed's thresholds
+    THRESHOLD_SERIES = {"threshold/knee_r_std": 0.1, "threshold/grf_vz_r_std": 10.0}
+
+__all__ = ["EVENT_COLUMNS", "WandbSink", "resolve_mode", "wandb_run_id"]
+
+_log = logging.getLogger("trainwatch.wandb")
+
+EVENT_COLUMNS = ["epoch", "rule", "severity", "message", "remedy"]
+# Summary aggregations the seed compares across a sweep (guide: "What to compare").
+SUMMARY_AGGREGATIONS = {
+    "train/total_loss": "min",
+    "train/grad_norm_max": "max",
+    "validation/knee_healthy": "last",
+    "validation/grf_healthy": "last",
+}
+# wandb.Settings for a sidecar: no console capture, no code or git snapshot, and no
+# system metrics or machine metadata (they would describe the collector's host, not the
+# training job's).
+_BASE_SETTINGS: dict[str, Any] = {
+    "silent": True, "quiet": True, "console": "off", "save_code": False,
+    "disable_code": True, "disable_git": True, "disable_job_creation": True,
+    "x_disable_stats": True, "x_disable_meta": True, "x_disable_machine_info": True,
+    "x_save_requirements": False, "reinit": "create_new",
+}
+_STOP = object()
+
+
+def wandb_run_id(run: str) -> str:
+    """A wandb run id for a trainwatch run id: the same string when it is already safe.
+
+    Characters outside ``[A-Za-z0-9_-]`` become ``-``; a changed or over-long id gets a
+    hash of the original so that two runs never share a wandb id.
+    """
+    clean = re.sub(r"[^A-Za-z0-9_-]", "-", run).strip("-") or "run"
+    if clean == run and len(run) <= 64:
+        return run
+    return f"{clean[:55]}-{hashlib.sha1(run.encode()).hexdigest()[:8]}"
+
+
+def resolve_mode(mode: str | None) -> str:
+    """``mode`` itself, or for None: "online" when an API key is configured, else "offline"."""
+    if mode is not None:
+        if mode not in ("offline", "online", "disabled"):
+            raise ValueError(f"wandb mode must be offline, online or disabled, not {mode!r}")
+        return mode
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
+        return "online"
+    host = urlsplit(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai").netloc
+    path = os.environ.get("NETRC") or os.path.expanduser("~/.netrc")
+    try:
+        creds = netrc.netrc(path).authenticators(host)
+    except (OSError, netrc.NetrcParseError):
+        return "offline"
+    return "online" if creds and creds[2] else "offline"
+
+
+class _AlertGate:
+    """Allows an alert once per start of a rule (per run) and at most ``per_min`` a minute."""
+
+    def __init__(self, per_min: int) -> None:
+        self.per_min = per_min
+        self._sent: deque[float] = deque()
+
+    def starts(self, active: set[str], rules: list[str], ongoing: bool) -> list[str]:
+        """The rules that start now; ``active`` (the rules firing so far) is updated.
+
+        ``ongoing`` is False for an epoch record, whose events are the complete set firing
+        at that epoch: a rule absent from it has ended and may start again later.
+        """
+        new = [r for r in dict.fromkeys(rules) if r not in active]
+        if not ongoing:
+            active.clear()
+        active.update(rules)
+        return new
+
+    def allow(self, now: float) -> bool:
+        while self._sent and now - self._sent[0] >= 60.0:
+            self._sent.popleft()
+        if len(self._sent) >= self.per_min:
+            return False
+        self._sent.append(now)
+        return True
+
+
+@dataclass
+class _Run:
+    run: Any  # a wandb Run, or None when wandb.init failed
+    axes_defined: bool = False
+    last_step: int = -1
+    data_stats: dict[str, Any] = field(default_factory=dict)  # waits for the first row
+    event_rows: list[list[Any]] = field(default_factory=list)
+    events_unlogged: bool = False
+    rules_seen: set[str] = field(default_factory=set)
+    active_rules: set[str] = field(default_factory=set)
+
+
+class WandbSink:
+    """Writes trainwatch records to wandb on a daemon thread; see the module docstring.
+
+    ``project``/``entity``/``group`` come from the CLI; unset, the run's forwarded
+    ``WANDB_PROJECT``/``WANDB_ENTITY``/``WANDB_RUN_GROUP``, then the collector's own, then
+    project "trainwatch". ``settings`` overrides the sink's wandb.Settings.
+    ``block_when_full`` makes ``write`` wait for room instead of dropping: for uploading a
+    recording, where no training loop waits and nothing should be lost. ``alerts``
+    (default: online only) sends ``run.alert`` when a rule starts; an offline run would
+    keep them in its file and send them, stale, at ``wandb sync``.
+    """
+
+    def __init__(self, project: str | None = None, entity: str | None = None,
+                 group: str | None = None, mode: str | None = None,
+                 dir: str | Path | None = None, queue_size: int = 1000,
+                 settings: Mapping[str, Any] | None = None, alerts_per_min: int = 6,
+                 finish_timeout_s: float = 60.0, log_every_s: float = 10.0,
+                 block_when_full: bool = False, alerts: bool | None = None) -> None:
+        self.mode = resolve_mode(mode)
+        self.dir = None if dir is None else Path(dir)
+        self.stats = {"written": 0, "dropped": 0, "failed": 0, "alerts": 0}
+        self._project, self._entity, self._group = project, entity, group
+        self._settings = {"mode": self.mode, "finish_timeout": finish_timeout_s,
+                          **(settings or {})}
+        self._gate = _AlertGate(alerts_per_min)
+        self._log_every_s = log_every_s
+        self._block = block_when_full
+        self._alerts = self.mode == "online" if alerts is None else alerts
+        self._last_log: dict[str, float] = {}
+        self._lock = threading.Lock()
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=queue_size)
+        self._runs: dict[str, _Run] = {}
+        self._ended: set[str] = set()
+        self._closed = False
+        self._closing = threading.Event()
+        self._drain_until = float("inf")
+        self._thread = threading.Thread(target=self._work, name="trainwatch-wandb", daemon=True)
+        self._thread.start()
+
+    # --- caller side: constant time; never blocks unless block_when_full ----------------
+    def write(self, record: Record) -> None:
+        if self._closed:
+            self._count("dropped")
+            return
+        try:
+            if self._block:
+                while self._thread.is_alive() and not self._closed:
+                    try:
+                        self._queue.put(record, timeout=1.0)
+                        return
+                    except queue.Full:
+                        continue
+                raise queue.Full
+            self._queue.put_nowait(record)
+        except queue.Full:
+            self._count("dropped")
+            self._warn("full", "wandb queue full: %d records dropped so far",
+                       self.stats["dropped"])
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        """Process what is queued, finish open runs, return within ``timeout_s``. Idempotent."""
+        start = time.monotonic()
+        if not self._closed:
+            self._closed = True
+            # Half the time drains the queue; the rest is kept for finishing the runs.
+            self._drain_until = start + 0.5 * timeout_s
+            self._closing.set()
+            try:
+                self._queue.put_nowait(_STOP)
+            except queue.Full:
+                pass  # the worker is busy and sees _closing between records
+        self._thread.join(max(0.0, timeout_s - (time.monotonic() - start)))
+        if self._thread.is_alive():
+            self._warn("close", "wandb did not finish within %.1f s; %d runs left open",
+                       timeout_s, len(self._runs))
+
+    def _count(self, key: str, n: int = 1) -> None:
+        with self._lock:
+            self.stats[key] += n
+
+    def _warn(self, key: str, msg: str, *args: Any, exc: bool = False) -> None:
+        now = time.monotonic()
+        if now - self._last_log.get(key, -1e18) >= self._log_every_s:
+            self._last_log[key] = now
+            (_log.exception if exc else _log.warning)(msg, *args)
+
+    # --- the sink's thread: every wandb call happens here ------------------------------
+    def _work(self) -> None:
+        while True:
+            if self._closing.is_set():
+                if time.monotonic() >= self._drain_until:
+                    break
+                try:
+                    record = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+            else:
+                record = self._queue.get()
+            if record is not _STOP:
+                self._handle(record)
+        left = 0
+        while True:
+            try:
+                left += self._queue.get_nowait() is not _STOP
+            except queue.Empty:
+                break
+        self._count("dropped", left)
+        for run_id in list(self._runs):
+            self._end(run_id, exit_code=1)  # the training run had not ended
+
+    def _handle(self, record: Record) -> None:
+        run_id, kind = str(record.get("run")), record.get("type")
+        reopen = run_id in self._ended
+        if reopen and kind != "run":
+            self._count("dropped")
+            self._warn("late", "wandb: %r record of run %r after its summary, dropped",
+                       kind, run_id)
+            return
+        self._ended.discard(run_id)  # a run record after the summary: the job was relaunched
+        try:
+            state = self._runs.get(run_id)
+            if state is None:
+                state = self._runs[run_id] = _Run(run=None)
+                state.run = self._init(run_id, record.get("env") or {}, reopen)
+            if state.run is None:
+                self._count("failed")  # its init failed before; not retried
+            else:
+                handler = getattr(self, f"_on_{kind}", None)
+                if handler is None:
+                    raise ValueError(f"unknown record type {kind!r}")
+                handler(run_id, state, record)
+                self._count("written")
+        except Exception:
+            self._count("failed")
+            self._warn("failed", "wandb failed on a %r record of run %r (%d failures so far)",
+                       kind, run_id, self.stats["failed"], exc=True)
+        if kind == "summary":
+            self._ended.add(run_id)
+            self._runs.pop(run_id, None)
+
+    def _init(self, run_id: str, env: Mapping[str, str], reopen: bool) -> Any:
+        import wandb
+
+        if self.dir is not None:
+            self.dir.mkdir(parents=True, exist_ok=True)  # wandb falls back to /tmp otherwise
+
+        def pick(mine: str | None, name: str) -> str | None:
+            return mine or env.get(name) or os.environ.get(name) or None
+
+        sweep_id = env.get("WANDB_SWEEP_ID") or None
+        # Inside a sweep, as in wandb.init, the agent's project and entity win over flags.
+        first = (lambda mine, name: env.get(name) or pick(mine, name)) if sweep_id else pick
+        known = getattr(wandb.Settings, "model_fields", _BASE_SETTINGS)  # older wandb: fewer
+        options = {k: v for k, v in _BASE_SETTINGS.items() if k in known} | self._settings
+        if sweep_id:
+            options["sweep_id"] = sweep_id  # per run; WANDB_SWEEP_ID is read once per process
+        tags = [t.strip() for t in env.get("WANDB_TAGS", "").split(",") if t.strip()]
+        run = wandb.init(
+            project=first(self._project, "WANDB_PROJECT") or "trainwatch",
+            entity=first(self._entity, "WANDB_ENTITY"),
+            group=pick(self._group, "WANDB_RUN_GROUP"), job_type=env.get("WANDB_JOB_TYPE"),
+            notes=env.get("WANDB_NOTES"), tags=tags or None,
+            id=env.get("WANDB_RUN_ID") or wandb_run_id(run_id), name=run_id,
+            resume="allow" if reopen else None,
+            dir=None if self.dir is None else str(self.dir), settings=wandb.Settings(**options))
+        where = run.url if self.mode == "online" else run.dir  # offline .url only warns
+        _log.info("wandb run %s (%s): %s", run_id, self.mode, where)
+        return run
+
+    # --- one handler per record type ----------------------------------------------------
+    def _on_run(self, run_id: str, state: _Run, record: Record) -> None:
+        state.run.config.update(record.get("metrics") or {}, allow_val_change=True)
+
+    _on_config = _on_run
+
+    def _on_data_stats(self, run_id: str, state: _Run, record: Record) -> None:
+        stats = {k if k.startswith("data_stats/") else f"data_stats/{k}": v
+                 for k, v in (record.get("metrics") or {}).items()}
+        state.run.summary.update(stats)
+        state.data_stats.update(stats)  # logged once, in the first epoch's row
+
+    def _on_epoch(self, run_id: str, state: _Run, record: Record) -> None:
+        run, epoch = state.run, int(record["epoch"])
+        if not state.axes_defined:
+            # Defined at the first epoch, so that nothing logged earlier gets an epoch.
+            run.define_metric("epoch")
+            run.define_metric("*", step_metric="epoch")
+            for name, agg in SUMMARY_AGGREGATIONS.items():
+                run.define_metric(name, step_metric="epoch", summary=agg)
+            state.axes_defined = True
+        metrics, events = record.get("metrics") or {}, record.get("events") or []
+        row: dict[str, Any] = {**state.data_stats, **metrics, "epoch": epoch}
+        state.data_stats = {}
+        if any(k.startswith("validation/") for k in metrics):
+            row.update(THRESHOLD_SERIES)
+        rules_now = {str(e.get("rule")) for e in events}
+        state.rules_seen |= rules_now
+        row.update({f"health/{r}": int(r in rules_now) for r in sorted(state.rules_seen)})
+        row["health/n_events"] = len(events)
+        if "ranks" in record:
+            row["ranks/reporting"] = len(record["ranks"])
+        if "missing_ranks" in record:
+            row["ranks/missing"] = len(record["missing_ranks"])
+        starts = self._add_events(state, epoch, events, ongoing=False)
+        if state.events_unlogged:
+            row["health/events"] = self._events_table(state)
+        # step = epoch keeps wandb's own axis on the epoch; a repeated epoch goes one after.
+        step = epoch if epoch > state.last_step else state.last_step + 1
+        run.log(row, step=step, commit=True)  # now, not when the next step begins
+        state.last_step = step
+        self._alert(run_id, state, epoch, events, starts)
+
+    def _on_event(self, run_id: str, state: _Run, record: Record) -> None:
+        # Shown in the next epoch's row, or in the summary when the run ends first.
+        epoch, events = record.get("epoch"), record.get("events") or []
+        starts = self._add_events(state, epoch, events, ongoing=True)
+        self._alert(run_id, state, epoch, events, starts)
+
+    def _on_summary(self, run_id: str, state: _Run, record: Record) -> None:
+        state.run.summary.update(record.get("metrics") or {})
+        self._finish(state, exit_code=0)
+
+    # --- events, alerts, finishing -------------------------------------------------------
+    def _add_events(self, state: _Run, epoch: int | None, events: list[dict[str, Any]],
+                    ongoing: bool) -> list[str]:
+        for e in events:
+            state.event_rows.append([epoch, str(e.get("rule")), str(e.get("severity")),
+                                     str(e.get("message", "")), str(e.get("remedy", ""))])
+            state.events_unlogged = True
+        return self._gate.starts(state.active_rules, [str(e.get("rule")) for e in events],
+                                 ongoing)
+
+    def _events_table(self, state: _Run) -> Any:
+        import wandb
+
+        state.events_unlogged = False
+        return wandb.Table(columns=EVENT_COLUMNS, data=[list(r) for r in state.event_rows])
+
+    def _alert(self, run_id: str, state: _Run, epoch: int | None,
+               events: list[dict[str, Any]], starts: list[str]) -> None:
+        """``run.alert`` for each rule that starts now; a failed alert fails no record."""
+        if not self._alerts:
+            return
+        for e in events:
+            rule = str(e.get("rule"))
+            if rule not in starts:
+                continue
+            starts.remove(rule)
+            if not self._gate.allow(time.monotonic()):
+                self._warn("alerts", "wandb alerts over %d/min: %r of run %r not sent",
+                           self._gate.per_min, rule, run_id)
+                continue
+            sev = str(e.get("severity", "")).lower()
+            level = "ERROR" if "crit" in sev or "err" in sev else (
+                "WARN" if "warn" in sev else "INFO")
+            try:
+                state.run.alert(title=f"{rule}: {run_id}"[:63], level=level,
+                                text=f"{e.get('message', '')}\nRemedy: {e.get('remedy', '')}"
+                                     f"\nRun {run_id}, epoch {epoch}.")
+                self._count("alerts")
+            except Exception:
+                self._warn("alert", "wandb alert for run %r failed", run_id, exc=True)
+
+    def _finish(self, state: _Run, exit_code: int) -> None:
+        state.data_stats = {}  # already in the summary
+        if state.events_unlogged:  # events after the last epoch row
+            state.run.summary["health/events"] = self._events_table(state)
+        state.run.finish(exit_code=exit_code)
+
+    def _end(self, run_id: str, exit_code: int) -> None:
+        state = self._runs.pop(run_id)
+        if state.run is None:
+            return
+        try:
+            self._finish(state, exit_code)
+        except Exception:
+            self._count("failed")
+            self._warn("finish", "wandb failed to finish run %r", run_id, exc=True)

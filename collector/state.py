@@ -1,0 +1,322 @@
+"""Per-run, per-rank state: decoded messages in, assembled epochs and records out.
+
+The per-step path only appends the message to its rank's open epoch; arrays are built
+once per epoch, when every rank of the run has closed it (``EpochInput``), and handed to
+the run's health stage. Epochs close strictly in order. A rank that never closes an
+epoch is waited for until the live collector's clock says otherwise; that decision comes
+back in as a control (``close_epoch``) so that a replay decides the same.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from trainer_client import wire
+
+from .health import RunHealth
+from .inputs import DataConstants, EpochInput, StepSeries, ValidationInput
+from .profile import Profile
+from .tracking import RankCounters
+
+Emit = Callable[[dict], None]
+
+_NP_DTYPES = {"float16": np.float16, "bfloat16": np.uint16, "float32": np.float32,
+              "float64": np.float64}
+
+
+class RankState:
+    __slots__ = ("counters", "open_steps", "last_epoch", "finished", "host")
+
+    def __init__(self) -> None:
+        self.counters = RankCounters()
+        self.open_steps: list[wire.Message] = []
+        self.last_epoch = -1
+        self.finished = False
+        self.host = ""
+
+
+class RunState:
+    def __init__(self, run: str, world_size: int, profile: Profile) -> None:
+        self.run = run
+        self.world_size = world_size
+        self.ranks: dict[int, RankState] = {}
+        self.pending: dict[int, dict[int, tuple]] = {}  # epoch -> rank -> (steps, body)
+        self.pending_since: dict[int, float] = {}  # epoch -> monotonic time first seen
+        self.last_closed = -1
+        self.validations: list[tuple[int, int, wire.Tensor, list[str] | None]] = []
+        self.param_names: list[str] = []
+        self.health = RunHealth(run, profile)
+        self.config_seen = False
+        self.data_rank: int | None = None
+        self.data_acc: Any = None
+        self.data_left: set[int] = set()
+        self.data_channels: list[str] = []
+        self.finished = False
+        self.rejected: dict[str, int] = {}
+        self.late_epochs = 0
+        self.last_activity = time.monotonic()
+
+
+class State:
+    """All runs seen. ``check`` then ``apply`` each message; records go to ``emit``."""
+
+    def __init__(self, profile: Profile, emit: Emit) -> None:
+        self.profile = profile
+        self.emit = emit
+        self.runs: dict[str, RunState] = {}
+
+    # -- messages ------------------------------------------------------------------
+    def admit(self, msg: wire.Message) -> str | None:
+        """A reason to reject this message, or None (then ``apply`` it).
+
+        A rank whose client instance changed (a restarted process) starts afresh.
+        """
+        rs = self.runs.get(msg.run)
+        if rs is None:
+            return None
+        rank = rs.ranks.get(msg.rank)
+        if rank is None:
+            return None
+        if msg.instance != rank.counters.instance:
+            rank.last_epoch = -1
+            rank.open_steps = []
+            rank.finished = False
+        if not rank.counters.admit(msg.instance, msg.seq):
+            return "duplicate_seq"
+        if msg.kind == wire.KIND_EPOCH and msg.epoch <= rank.last_epoch:
+            return "epoch_out_of_order"
+        return None
+
+    def apply(self, msg: wire.Message) -> None:
+        run = self.runs.get(msg.run)
+        if run is None:
+            run = self.runs[msg.run] = RunState(msg.run, msg.world_size, self.profile)
+            # Every rank's launcher gave it the same WANDB_* environment: the first
+            # hello (whichever rank) speaks for the run.
+            env = msg.body.get("env", {}) if msg.kind == wire.KIND_HELLO else {}
+            self.emit({"type": "run", "run": run.run, "epoch": None,
+                       "metrics": {"world_size": msg.world_size}, "events": [],
+                       "env": dict(env)})
+        elif msg.world_size > run.world_size:
+            run.world_size = msg.world_size
+        rank = run.ranks.get(msg.rank)
+        if rank is None:
+            rank = run.ranks[msg.rank] = RankState()
+            rank.counters.admit(msg.instance, msg.seq)
+        rank.counters.count(msg.kind, msg.seq, msg.dropped, msg.wall_time)
+        run.last_activity = time.monotonic()
+        kind = msg.kind
+        if kind == wire.KIND_STEP:
+            rank.open_steps.append(msg)
+            loss, gn = msg.body[0], msg.body[1]
+            if not math.isfinite(loss) or (gn is not None and not math.isfinite(gn)):
+                ev = run.health.step_event(msg.rank, msg.step, float(loss),
+                                           None if gn is None else float(gn))
+                if ev is not None:
+                    self.emit({"type": "event", "run": run.run, "epoch": msg.epoch,
+                               "step": msg.step, "rank": msg.rank, "metrics": {},
+                               "events": [ev]})
+        elif kind == wire.KIND_EPOCH:
+            self._rank_epoch(run, rank, msg)
+        elif kind == wire.KIND_HELLO:
+            rank.host = str(msg.body.get("host", ""))
+        elif kind == wire.KIND_VALIDATION:
+            run.validations.append((msg.body.get("epoch", msg.epoch), msg.rank,
+                                    msg.tensors["samples"], msg.body.get("channels")))
+        elif kind == wire.KIND_CONFIG:
+            if not run.config_seen:
+                run.config_seen = True
+                cfg = dict(msg.body["config"])
+                if msg.body.get("num_params") is not None:
+                    cfg["num_params"] = msg.body["num_params"]
+                run.health.on_config(cfg)
+                self.emit({"type": "config", "run": run.run, "epoch": None, "metrics": cfg,
+                           "events": []})
+        elif kind == wire.KIND_DATA:
+            self._data(run, msg)
+        elif kind == wire.KIND_BYE:
+            rank.finished = True
+            self._maybe_finish(run)
+
+    def _rank_epoch(self, run: RunState, rank: RankState, msg: wire.Message) -> None:
+        steps, rank.open_steps = rank.open_steps, []
+        rank.last_epoch = msg.epoch
+        if msg.body.get("param_names"):
+            run.param_names = list(msg.body["param_names"])
+        if msg.epoch <= run.last_closed:
+            run.late_epochs += 1  # closed without this rank after a timeout
+            return
+        slot = run.pending.setdefault(msg.epoch, {})
+        if not slot:
+            run.pending_since[msg.epoch] = time.monotonic()
+        slot[msg.rank] = (steps, msg.body)
+        self._close_ready(run)
+
+    def _close_ready(self, run: RunState) -> None:
+        """Close complete epochs in order; an incomplete earlier epoch holds later ones."""
+        while run.pending:
+            epoch = min(run.pending)
+            present = run.pending[epoch]
+            alive = [r for r in range(run.world_size)
+                     if not (r in run.ranks and run.ranks[r].finished and r not in present)]
+            if not all(r in present for r in alive) or not present:
+                return
+            self._close(run, epoch, [r for r in range(run.world_size) if r not in present])
+
+    def _close(self, run: RunState, epoch: int, missing: list[int]) -> None:
+        present = run.pending.pop(epoch, {})
+        run.pending_since.pop(epoch, None)
+        run.last_closed = max(run.last_closed, epoch)
+        steps, weights, ema = {}, {}, {}
+        for r in sorted(present):
+            msgs, body = present[r]
+            steps[r] = _series(msgs)
+            if body.get("weights") is not None:
+                weights[r] = np.asarray(body["weights"], dtype=np.float64)
+            if body.get("ema") is not None:
+                ema[r] = np.asarray(body["ema"], dtype=np.float64)
+        inp = EpochInput(run.run, epoch, run.world_size, steps, weights, ema,
+                         list(run.param_names), missing, self._validation(run, epoch))
+        metrics, events = run.health.on_epoch(inp)
+        self.emit({"type": "epoch", "run": run.run, "epoch": epoch, "metrics": metrics,
+                   "events": events, "ranks": sorted(present), "missing_ranks": missing})
+
+    def _validation(self, run: RunState, epoch: int) -> ValidationInput | None:
+        """Pool the samples sent for epochs up to this one (one dtype and channel list)."""
+        ready = [v for v in run.validations if v[0] <= epoch]
+        if not ready:
+            return None
+        run.validations = [v for v in run.validations if v[0] > epoch]
+        first = ready[-1]
+        same = [v for v in ready if v[0] == first[0] and v[2].dtype == first[2].dtype]
+        arrays = [np.frombuffer(v[2].data, _NP_DTYPES[v[2].dtype]).reshape(v[2].shape)
+                  for v in same]
+        names = first[3] or run.data_channels or [f"ch{i}" for i in range(first[2].shape[-1])]
+        return ValidationInput(first[0], first[2].dtype, arrays, list(names))
+
+    def _data(self, run: RunState, msg: wire.Message) -> None:
+        from .datastats import DataStatsAccumulator
+
+        body = msg.body
+        if run.data_rank is None and body["index"] == 0:
+            run.data_rank = msg.rank
+            run.data_acc = DataStatsAccumulator()
+            run.data_left = set(range(body["count"]))
+            run.data_channels = list(body["channels"])
+            consts = {k: np.frombuffer(msg.tensors[k].data, np.float64).copy()
+                      if k in msg.tensors else None for k in ("mean", "std")}
+            run.health.on_data_constants(DataConstants(run.data_channels, consts["mean"],
+                                                       consts["std"]))
+        if msg.rank != run.data_rank or body["index"] not in run.data_left:
+            return
+        t = msg.tensors["chunk"]
+        run.data_acc.add(np.frombuffer(t.data, _NP_DTYPES[t.dtype]).reshape(t.shape), t.dtype)
+        run.data_left.discard(body["index"])
+        if not run.data_left:
+            self.emit({"type": "data_stats", "run": run.run, "epoch": None,
+                       "metrics": run.data_acc.metrics(run.data_channels), "events": []})
+
+    # -- decisions and the end -----------------------------------------------------
+    def reject(self, run: str | None, reason: str, n: int = 1) -> None:
+        rs = self.runs.get(run) if run else None
+        if rs is not None:
+            rs.rejected[reason] = rs.rejected.get(reason, 0) + n
+
+    def overdue(self, now: float, timeout_s: float) -> list[dict]:
+        """Controls the live clock calls for: epochs waited on too long, silent runs."""
+        out = []
+        for run in self.runs.values():
+            if run.finished:
+                continue
+            for epoch, since in sorted(run.pending_since.items()):
+                if now - since >= timeout_s:
+                    missing = [r for r in range(run.world_size) if r not in run.pending[epoch]]
+                    out.append({"op": "close_epoch", "run": run.run, "epoch": epoch,
+                                "missing": missing})
+            # Some ranks said goodbye and the rest went quiet: they died. All quiet for
+            # much longer: the whole job died.
+            quiet = now - run.last_activity
+            done = any(r.finished for r in run.ranks.values())
+            if quiet >= (timeout_s if done else 5 * timeout_s):
+                out.append({"op": "finish_run", "run": run.run})
+        return out
+
+    def control(self, ctl: dict) -> None:
+        run = self.runs.get(ctl.get("run", ""))
+        if ctl.get("op") == "rejects":
+            for name, reasons in ctl["counts"].items():
+                for reason, n in reasons.items():
+                    self.reject(name or None, reason, n)
+            return
+        if run is None or run.finished:
+            return
+        if ctl["op"] == "close_epoch" and ctl["epoch"] in run.pending:
+            # Everything before it closes first (in order), then it, then what follows.
+            for epoch in sorted(e for e in run.pending if e <= ctl["epoch"]):
+                missing = [r for r in range(run.world_size) if r not in run.pending[epoch]]
+                self._close(run, epoch, missing)
+            self._close_ready(run)
+        elif ctl["op"] == "finish_run":
+            self._finish(run)
+
+    def _maybe_finish(self, run: RunState) -> None:
+        self._close_ready(run)
+        if all(r in run.ranks and run.ranks[r].finished for r in range(run.world_size)):
+            self._finish(run)
+
+    def _finish(self, run: RunState) -> None:
+        for epoch in sorted(run.pending):
+            self._close(run, epoch, [r for r in range(run.world_size)
+                                     if r not in run.pending[epoch]])
+        run.finished = True
+        counts = {
+            "dropped": sum(r.counters.reported_drops for r in run.ranks.values()),
+            "seq_gaps": sum(r.counters.seq_gaps for r in run.ranks.values()),
+            "rejected": sum(run.rejected.values()),
+            "late_epochs": run.late_epochs,
+            "missing_ranks": sum(1 for r in range(run.world_size) if r not in run.ranks
+                                 or not run.ranks[r].finished),
+        }
+        self.emit({"type": "summary", "run": run.run, "epoch": run.last_closed,
+                   "metrics": run.health.summary(counts), "events": []})
+
+    def finish_all(self) -> None:
+        for run in list(self.runs.values()):
+            if not run.finished:
+                self._finish(run)
+
+    def all_finished(self) -> bool:
+        return bool(self.runs) and all(r.finished for r in self.runs.values())
+
+    def rank_table(self) -> dict[str, dict[int, dict]]:
+        return {name: {r: rs.counters.as_dict() for r, rs in sorted(run.ranks.items())}
+                for name, run in self.runs.items()}
+
+
+def _series(msgs: list[wire.Message]) -> StepSeries:
+    n = len(msgs)
+    steps = np.fromiter((m.step for m in msgs), np.int64, n)
+    loss = np.fromiter((m.body[0] for m in msgs), np.float64, n)
+    gn = np.fromiter((np.nan if m.body[1] is None else m.body[1] for m in msgs), np.float64, n)
+    comps: dict[str, np.ndarray] = {}
+    for i, m in enumerate(msgs):
+        for name, v in zip(m.body[2], m.body[3], strict=True):
+            arr = comps.get(name)
+            if arr is None:
+                arr = comps[name] = np.full(n, np.nan)
+            arr[i] = v
+    rows = [m.tensors.get("param_norms") for m in msgs]
+    widths = {r.shape[0] for r in rows if r is not None}
+    pn = None
+    if len(widths) == 1:
+        width = widths.pop()
+        pn = np.full((n, width), np.nan, dtype=np.float32)
+        for i, r in enumerate(rows):
+            if r is not None:
+                pn[i] = np.frombuffer(r.data, np.float32)
+    return StepSeries(steps, loss, gn, comps, pn)

@@ -1,0 +1,97 @@
+"""Shared test plumbing: real collector processes and real trainer processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+WORKER = ROOT / "tests" / "workers" / "trainer.py"
+
+
+def env() -> dict[str, str]:
+    e = dict(os.environ)
+    e["PYTHONPATH"] = str(ROOT) + os.pathsep + e.get("PYTHONPATH", "")
+    e["PYTHONUNBUFFERED"] = "1"
+    e["WANDB_SILENT"] = "true"
+    for k in ("TRAINWATCH_ENDPOINT", "TRAINWATCH_RUN", "TRAINWATCH_CURVE_KEYS", "RANK",
+              "WORLD_SIZE", "TORCHELASTIC_RUN_ID", "MASTER_ADDR", "MASTER_PORT"):
+        e.pop(k, None)
+    return e
+
+
+class CollectorProc:
+    """A real ``trainwatch collect`` process; ``ready()`` waits for its socket."""
+
+    def __init__(self, tmp: Path, endpoint: str, *extra: str, name: str = "c") -> None:
+        self.tmp = tmp
+        self.endpoint = endpoint
+        self.record = tmp / f"{name}.twrec"
+        self.jsonl = tmp / f"{name}.jsonl"
+        self.log = tmp / f"{name}.log"
+        self.args = [sys.executable, "-m", "collector", "collect", "--bind", endpoint,
+                     "--record", str(self.record), "--jsonl", str(self.jsonl),
+                     "--wandb-mode", "disabled", "--no-view", *extra]
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> CollectorProc:
+        self._fh = open(self.log, "a")  # noqa: SIM115
+        self.proc = subprocess.Popen(self.args, stdout=self._fh, stderr=subprocess.STDOUT,
+                                     env=env(), cwd=self.tmp)
+        self.ready()
+        return self
+
+    def ready(self, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if "collecting on" in self.log.read_text():
+                return
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"collector exited: {self.log.read_text()[-3000:]}")
+            time.sleep(0.05)
+        raise TimeoutError("collector did not start")
+
+    def wait(self, timeout: float = 60.0) -> int:
+        try:
+            return self.proc.wait(timeout)
+        finally:
+            self._fh.close()
+
+    def stop(self, sig: int = 15, timeout: float = 60.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        return self.wait(timeout)
+
+    def records(self) -> list[dict]:
+        return [json.loads(line) for line in self.jsonl.read_text().splitlines() if line]
+
+
+def start_trainer(endpoint: str, run: str, rank: int, world: int, out: Path,
+                  **opts: object) -> subprocess.Popen:
+    """A real training process (tests/workers/trainer.py); it writes its stats to ``out``."""
+    args = [sys.executable, str(WORKER), "--endpoint", endpoint, "--run", run,
+            "--rank", str(rank), "--world", str(world), "--out", str(out)]
+    for k, v in opts.items():
+        flag = "--" + k.replace("_", "-")
+        if v is True:
+            args.append(flag)
+        elif v is not False and v is not None:
+            args += [flag, str(v)]
+    return subprocess.Popen(args, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def finish(procs: list[subprocess.Popen], timeout: float = 120.0) -> None:
+    for p in procs:
+        out, _ = p.communicate(timeout=timeout)
+        assert p.returncode == 0, out.decode()[-3000:]
+
+
+@pytest.fixture
+def ipc(tmp_path: Path) -> str:
+    return f"ipc://{tmp_path}/tw.sock"

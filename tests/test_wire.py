@@ -1,0 +1,109 @@
+"""The wire format: round trips, and every malformed message rejected with a reason."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import msgpack
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from trainer_client import wire
+
+
+def _header(kind=wire.KIND_STEP, body=None, **kw):
+    base = dict(kind=kind, run="r", rank=0, world_size=2, instance=7, seq=3, step=4, epoch=1,
+                wall_time=1.5, dropped=0, body=[0.5, 1.0, ["a"], [0.25]] if body is None
+                else body)
+    base.update(kw)
+    return wire.Header(**base)
+
+
+def test_step_round_trip_with_raw_tensor():
+    pn = np.arange(5, dtype=np.float32)
+    frames = wire.encode(_header(), [wire.Tensor("param_norms", "float32", (5,), pn.tobytes())])
+    m = wire.decode([bytes(f) for f in frames])
+    assert (m.kind, m.run, m.rank, m.world_size, m.seq, m.step, m.epoch) == (
+        wire.KIND_STEP, "r", 0, 2, 3, 4, 1)
+    assert m.body == [0.5, 1.0, ["a"], [0.25]]
+    assert np.array_equal(np.frombuffer(m.tensors["param_norms"].data, np.float32), pn)
+
+
+def test_header_is_a_positional_array_not_a_map():
+    head = msgpack.unpackb(wire.encode(_header(), [])[0])
+    assert isinstance(head, list) and head[0] == wire.VERSION
+
+
+def test_wire_imports_without_torch():
+    code = ("import sys; import trainer_client.wire, collector.pipeline; "
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def _bad(frames):
+    with pytest.raises(wire.DecodeError) as e:
+        wire.decode(frames)
+    return e.value.reason
+
+
+def _frames(h, specs=None, extra=()):
+    head = [wire.VERSION, *h, [] if specs is None else specs]
+    return [msgpack.packb(head), *extra]
+
+
+@pytest.mark.parametrize("mutate,reason", [
+    (lambda h: h._replace(run=""), "bad_field"),
+    (lambda h: h._replace(rank=2), "bad_field"),
+    (lambda h: h._replace(world_size=0), "bad_field"),
+    (lambda h: h._replace(seq=-1), "bad_field"),
+    (lambda h: h._replace(epoch=-3), "bad_epoch"),
+    (lambda h: h._replace(wall_time=float("nan")), "bad_field"),
+    (lambda h: h._replace(kind=99), "bad_kind"),
+    (lambda h: h._replace(body=[0.5, 1.0, ["a", "b"], [0.25]]), "bad_body"),
+    (lambda h: h._replace(body=["x", 1.0, [], []]), "bad_body"),
+    (lambda h: h._replace(kind=wire.KIND_EPOCH, body={"weights": [1, 2]}), "bad_body"),
+    (lambda h: h._replace(kind=wire.KIND_CONFIG, body={"config": 3}), "bad_body"),
+])
+def test_malformed_headers_are_rejected_with_reasons(mutate, reason):
+    assert _bad(_frames(mutate(_header()))) == reason
+
+
+def test_junk_and_version_and_size_mismatches():
+    assert _bad([]) == "empty"
+    assert _bad([b"\xc1\xc1garbage"]) == "bad_msgpack"
+    assert _bad([msgpack.packb({"a": 1})]) == "bad_header"
+    assert _bad([msgpack.packb([2, *_header(), []])]) == "bad_version"
+    # declared 4 float32 = 16 bytes, frame has 12
+    assert _bad(_frames(_header(), [["param_norms", "float32", [4]]], [b"\0" * 12])) == \
+        "size_mismatch"
+    # a huge declared shape cannot allocate anything: it simply does not match
+    assert _bad(_frames(_header(), [["param_norms", "float32", [1 << 40, 1 << 40]]],
+                        [b"\0" * 8])) == "size_mismatch"
+    assert _bad(_frames(_header(), [["x", "complex64", [1]]], [b"\0" * 8])) == "bad_tensors"
+    assert _bad(_frames(_header(), [], [b"extra"])) == "bad_tensors"
+    # an ext type (msgpack's timestamp) is never turned into an object we trust
+    assert _bad([msgpack.packb([wire.VERSION, *_header()._replace(wall_time=msgpack.Timestamp(1)),
+                                []], datetime=False)]) == "bad_field"
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=200))
+def test_random_bytes_never_escape_as_anything_but_decode_error(data):
+    try:
+        wire.decode([data])
+    except wire.DecodeError:
+        pass
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.one_of(st.none(), st.integers(-(2**63), 2**64 - 1), st.floats(), st.text(max_size=5),
+                          st.binary(max_size=5), st.lists(st.integers(-(2**63), 2**63), max_size=3)),
+                min_size=13, max_size=13))
+def test_random_headers_of_the_right_length_are_validated(fields):
+    try:
+        wire.decode([msgpack.packb(fields)])
+    except wire.DecodeError:
+        pass

@@ -1,0 +1,353 @@
+"""TrainerClient: the training loop's whole interface to trainwatch.
+
+Every ``log_*`` call does its arithmetic on the device, starts one asynchronous copy of
+a small tensor to host memory and appends an item to a bounded queue. It never calls
+``.item()``, ``.tolist()`` or a synchronous ``.cpu()``, never touches the socket and never
+waits: when the collector is slow, absent or dead, messages are dropped and counted.
+
+    tw = TrainerClient()                       # TRAINWATCH_ENDPOINT or tcp://127.0.0.1:5555
+    tw.log_config(vars(args), model=model)
+    for epoch in range(1, args.epochs + 1):
+        for x in loader:
+            loss, terms = compute_loss(model, x)
+            loss.backward()
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step(); opt.zero_grad()
+            tw.log_step(loss, terms, model=model, grad_norm=norm)
+        tw.log_epoch(epoch, model=model, ema_model=ema)
+    tw.close()
+"""
+
+from __future__ import annotations
+
+import atexit
+import itertools
+import logging
+import os
+import random
+import socket
+import threading
+import time
+import weakref
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import identity, reductions, wire
+from .sender import Item, Sender
+
+__all__ = ["TrainerClient"]
+
+_log = logging.getLogger("trainwatch.client")
+_clients: weakref.WeakSet[TrainerClient] = weakref.WeakSet()
+
+_DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32",
+                torch.float64: "float64"}
+_CHUNK_BYTES = 8 << 20  # data-stats chunks: big enough to amortise, small enough to interleave
+
+
+def _after_fork_in_child() -> None:
+    # The sender thread did not survive the fork and the socket belongs to the parent:
+    # a forked DataLoader worker must go quiet, never send.
+    for client in list(_clients):
+        client._forked()
+
+
+def _close_all_at_exit() -> None:
+    # A script that forgets close() still says goodbye, so the collector sees the run end.
+    for client in list(_clients):
+        client.close(timeout=2.0)
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+atexit.register(_close_all_at_exit)
+
+
+def _raw(host: torch.Tensor, name: str, dtype: str) -> wire.Tensor:
+    """A host tensor's bytes without a copy (bfloat16 has no numpy type: view as bytes)."""
+    data = host.contiguous().view(torch.uint8).numpy() if host.numel() else b""
+    return wire.Tensor(name, dtype, tuple(host.shape), data)
+
+
+class TrainerClient:
+    """Ships training-health data to a trainwatch collector without blocking the loop.
+
+    Endpoint: argument, else ``TRAINWATCH_ENDPOINT``, else ``tcp://127.0.0.1:5555``.
+    Run id: argument, else ``TRAINWATCH_RUN``, else derived from the launcher so every
+    rank agrees. Rank/world size: argument, else ``torch.distributed``, else ``RANK`` /
+    ``WORLD_SIZE``, else 0/1. CURVE keys: argument or ``TRAINWATCH_CURVE_KEYS`` (a folder
+    made by ``trainwatch keys generate``).
+    """
+
+    def __init__(self, endpoint: str | None = None, run: str | None = None,
+                 rank: int | None = None, world_size: int | None = None,
+                 curve_keys: str | None = None, max_queue: int = 10_000,
+                 max_queue_bytes: int = 1 << 30) -> None:
+        self.endpoint = identity.resolve_endpoint(endpoint)
+        self.run = identity.resolve_run(run)
+        self.rank, self.world_size = identity.resolve_rank_world(rank, world_size)
+        curve = _load_curve(curve_keys or os.environ.get("TRAINWATCH_CURVE_KEYS"))
+        self._pid = os.getpid()
+        self._seq = itertools.count()
+        self._lock = threading.Lock()  # only against concurrent log_* calls, never the sender
+        self._closed = False
+        self._after_close = 0
+        self._epoch = 0  # the epoch that steps now belong to (last logged + 1)
+        self._step = 0
+        self._params: dict[int, list[tuple[str, torch.Tensor]]] = {}
+        self._sender = Sender(self.endpoint, self.run, self.rank, self.world_size,
+                              random.getrandbits(32), max_queue=max_queue,
+                              max_queue_bytes=max_queue_bytes, curve=curve)
+        _clients.add(self)
+        body = {"host": socket.gethostname(), "pid": self._pid, "env": identity.wandb_env()}
+        self._enqueue(wire.KIND_HELLO, lambda _h: (body, []))
+
+    # -- public API ------------------------------------------------------------------
+    @property
+    def stats(self) -> dict[str, Any]:
+        """Counters: ``sent``, ``dropped`` (all reasons), ``dropped_by_reason``, ``queued``."""
+        s = self._sender
+        drops = dict(s.drops)
+        return {"sent": s.sent, "dropped": sum(drops.values()), "dropped_by_reason": drops,
+                "queued": s.queued(), "after_close": self._after_close}
+
+    def log_config(self, config: Mapping[str, Any], model: nn.Module | None = None) -> None:
+        """Hyperparameters (the seed's section 1); with a model, ``num_params`` is added."""
+        cfg = {str(k): _plain(v) for k, v in dict(config).items()}
+        num_params = None
+        if model is not None:
+            num_params = sum(p.numel() for p in reductions.unwrap(model).parameters())
+        body = {"config": cfg, "num_params": num_params}
+        self._enqueue(wire.KIND_CONFIG, lambda _h: (body, []))
+
+    def log_data_stats(self, data: torch.Tensor, channel_names: Sequence[str],
+                       mean: Any = None, std: Any = None) -> None:
+        """The normalised training data (last dim = channels), shipped raw in chunks.
+
+        ``mean``/``std`` are the per-channel normalisation constants (physical = x*std+mean);
+        the collector keeps them to judge generated samples in physical units.
+        """
+        names = [str(c) for c in channel_names]
+        if data.ndim < 1 or data.shape[-1] != len(names):
+            raise ValueError(f"data's last dim {tuple(data.shape)} != {len(names)} channel names")
+        dtype = _dtype_name(data)
+        flat = data.detach().reshape(-1, len(names))
+        rows = max(1, _CHUNK_BYTES // max(1, flat.shape[1] * flat.element_size()))
+        chunks = list(torch.split(flat, rows)) or [flat]
+        consts = {k: _const(v, len(names), k) for k, v in (("mean", mean), ("std", std))}
+        for i, chunk in enumerate(chunks):
+            host, event = reductions.to_host(chunk.contiguous())
+            extra = consts if i == 0 else {}
+            body = {"index": i, "count": len(chunks), "channels": names}
+
+            def build(h: torch.Tensor, body: dict = body, extra: dict = extra) -> tuple:
+                ts = [_raw(h, "chunk", dtype)]
+                ts += [wire.Tensor(k, "float64", (len(names),), v) for k, v in extra.items()
+                       if v is not None]
+                return body, ts
+
+            self._enqueue(wire.KIND_DATA, build, host, event, host.numel() * host.element_size())
+
+    def log_step(self, loss: torch.Tensor | float,
+                 components: Mapping[str, torch.Tensor | float] | None = None,
+                 model: nn.Module | None = None,
+                 grad_norm: torch.Tensor | float | None = None) -> None:
+        """One optimisation step, after backward: loss, loss terms, gradient norms.
+
+        The global gradient L2 norm is ``grad_norm`` when given (e.g. what
+        ``clip_grad_norm_`` returned), else computed on the device from ``model``'s
+        gradients. With a model, the per-parameter gradient norms travel too.
+        """
+        if self._closed:
+            self._after_close += 1
+            return
+        loss_is_tensor = isinstance(loss, torch.Tensor)
+        parts: list[torch.Tensor] = [_scalar(loss, "loss")] if loss_is_tensor else []
+        t_names: list[str] = []
+        f_names: list[str] = []
+        f_vals: list[float] = [] if loss_is_tensor else [float(loss)]
+        for name, value in (components or {}).items():
+            if isinstance(value, torch.Tensor):
+                parts.append(_scalar(value, name))
+                t_names.append(str(name))
+            else:
+                f_names.append(str(name))
+                f_vals.append(float(value))
+        pn = reductions.grad_norms(self._params_of(model)) if model is not None else None
+        gn_float: float | None = None
+        has_gn = False
+        if isinstance(grad_norm, torch.Tensor):
+            parts.append(_scalar(grad_norm, "grad_norm"))
+            has_gn = True
+        elif grad_norm is not None:
+            gn_float = float(grad_norm)
+        elif pn is not None:
+            parts.append(torch.linalg.vector_norm(pn[1]))
+            has_gn = True
+        if parts:
+            with torch.no_grad():  # one stack, no autograd node: cheaper than detach per part
+                vec = torch.stack(parts) if len(parts) > 1 else parts[0].reshape(1)
+                if pn is not None:
+                    vec = torch.cat([vec, pn[1].to(vec.device)])
+            host, event = reductions.to_host(vec)
+        else:
+            host, event = None, None
+        n_t = len(parts)
+        n_tc = len(t_names)
+
+        def build(h: torch.Tensor | None) -> tuple:
+            head = h[:n_t].tolist() if h is not None else []
+            fv = list(f_vals)
+            loss_v = head[0] if loss_is_tensor else fv.pop(0)
+            off = 1 if loss_is_tensor else 0
+            names = t_names + f_names
+            values = head[off:off + n_tc] + fv
+            gn = head[off + n_tc] if has_gn else gn_float
+            tensors = [_raw(h[n_t:], "param_norms", "float32")] if pn is not None else []
+            return [loss_v, gn, names, values], tensors
+
+        self._step += 1
+        self._enqueue(wire.KIND_STEP, build, host, event, step=self._step)
+
+    def log_epoch(self, epoch: int, model: nn.Module | None = None,
+                  ema_model: nn.Module | None = None) -> None:
+        """Close ``epoch``: weight statistics and the EMA difference, reduced on the device."""
+        if self._closed:
+            self._after_close += 1
+            return
+        epoch = int(epoch)
+        if epoch < 0:
+            raise ValueError(f"log_epoch: epoch must be >= 0, got {epoch}")
+        names: list[str] | None = None
+        host = event = None
+        if model is not None:
+            params = self._params_of(model)
+            names = [n for n, p in params if p.grad is not None] or None
+            vec = reductions.weight_summary(params)
+            if ema_model is not None:
+                ema = reductions.named_params(reductions.unwrap(ema_model))
+                vec = torch.cat([vec, reductions.ema_summary(params, ema)])
+            host, event = reductions.to_host(vec)
+
+        def build(h: torch.Tensor | None) -> tuple:
+            v = h.tolist() if h is not None else []
+            body = {"weights": v[:5] or None, "ema": v[5:7] or None, "param_names": names}
+            return body, []
+
+        self._enqueue(wire.KIND_EPOCH, build, host, event, epoch=epoch)
+        self._epoch = epoch + 1
+
+    def log_validation(self, epoch: int, samples: torch.Tensor,
+                       channel_names: Sequence[str] | None = None) -> None:
+        """Generated samples (normalised, last dim = channels), shipped raw in their dtype.
+
+        Call it before ``log_epoch(epoch)`` so the samples land in that epoch's record.
+        """
+        if self._closed:
+            self._after_close += 1
+            return
+        dtype = _dtype_name(samples)
+        names = [str(c) for c in channel_names] if channel_names is not None else None
+        if names is not None and (samples.ndim < 1 or samples.shape[-1] != len(names)):
+            raise ValueError(f"samples' last dim {tuple(samples.shape)} != {len(names)} names")
+        host, event = reductions.to_host(samples.detach().contiguous())
+        body = {"channels": names, "epoch": int(epoch)}
+        self._enqueue(wire.KIND_VALIDATION, lambda h: (body, [_raw(h, "samples", dtype)]),
+                      host, event, host.numel() * host.element_size(), epoch=int(epoch))
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Send what can be sent within ``timeout`` seconds, then say goodbye. Always returns."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        if os.getpid() != self._pid:
+            return
+        deadline = time.monotonic() + max(0.0, timeout)
+        seq = next(self._seq)
+        final = Item(wire.KIND_BYE, seq, self._step, self._epoch, self._sender.enq_dropped,
+                     lambda _h: ({"stats": self._final_stats()}, []))
+        if not self._sender.close(deadline, final):
+            _log.warning("trainwatch: close() timed out after %.1fs", timeout)
+
+    def __enter__(self) -> TrainerClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- internals -------------------------------------------------------------------
+    def _enqueue(self, kind: int, build: Any, host: Any = None, event: Any = None,
+                 nbytes: int = 0, step: int | None = None, epoch: int | None = None) -> None:
+        if self._closed:
+            self._after_close += 1
+            return
+        with self._lock:  # uncontended in a single training thread: ~100 ns
+            seq = next(self._seq)
+            item = Item(kind, seq, self._step if step is None else step,
+                        self._epoch if epoch is None else epoch,
+                        self._sender.enq_dropped, build, host, event, nbytes)
+            self._sender.offer(item)
+
+    def _params_of(self, model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+        key = id(model)
+        params = self._params.get(key)
+        if params is None:
+            params = self._params[key] = reductions.named_params(reductions.unwrap(model))
+        return params
+
+    def _final_stats(self) -> dict[str, int]:
+        s = self._sender
+        return {"sent": s.sent + 1, **s.drops}
+
+    def _forked(self) -> None:
+        self._closed = True
+        self._pid = -1
+
+
+def _scalar(t: torch.Tensor, name: str) -> torch.Tensor:
+    if t.numel() != 1:
+        raise ValueError(f"log_step: {name} must be a scalar, got shape {tuple(t.shape)}")
+    if t.dim():
+        t = t.reshape(())
+    return t if t.dtype == torch.float32 else t.float()
+
+
+def _dtype_name(t: torch.Tensor) -> str:
+    name = _DTYPE_NAMES.get(t.dtype)
+    if name is None:
+        raise TypeError(f"trainwatch ships float16/bfloat16/float32/float64 tensors, not {t.dtype}")
+    return name
+
+
+def _const(v: Any, n: int, what: str) -> bytes | None:
+    """Normalisation constants as float64 bytes (host values: they are set once, up front)."""
+    if v is None:
+        return None
+    t = torch.as_tensor(v).detach().to("cpu", torch.float64).reshape(-1)
+    if t.numel() != n:
+        raise ValueError(f"log_data_stats: {what} has {t.numel()} values for {n} channels")
+    return t.numpy().tobytes()
+
+
+def _plain(v: Any) -> Any:
+    """A config value msgpack can carry: numbers, strings, bools, lists, dicts; else str()."""
+    if v is None or isinstance(v, (bool, int, float, str)):
+        return v
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    if isinstance(v, Mapping):
+        return {str(k): _plain(x) for k, x in v.items()}
+    if isinstance(v, torch.Tensor) and v.numel() == 1 and v.device.type == "cpu":
+        return v.item()
+    return str(v)
+
+
+def _load_curve(folder: str | None) -> dict[str, bytes] | None:
+    if not folder:
+        return None
+    from .curve import client_keys
+
+    return client_keys(folder)

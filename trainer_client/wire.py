@@ -1,0 +1,287 @@
+"""The wire format: the one module the trainer client and the collector share.
+
+A message is a ZeroMQ multipart message: frame 0 is a msgpack *array* (positional, not a
+map: a map header costs several microseconds more to unpack, and replay speed rides on
+this), the other frames are raw tensor bytes described by the header. Nothing is ever
+pickled or evaluated; every field is type-checked and every tensor's declared size is held
+against its frame's real size.
+
+Header layout (index: field)::
+
+    0 version   1 kind      2 run       3 rank      4 world_size  5 instance
+    6 seq       7 step      8 epoch     9 wall_time 10 dropped    11 body
+    12 tensors: [[name, dtype, [dims...]], ...]  (one per extra frame, in order)
+
+``instance`` is random per client object, so a restarted rank starts a new sequence.
+``dropped`` counts this client's messages with a lower ``seq`` that never left it, so the
+collector can tell transport loss from reported loss exactly.
+
+Importable without torch or numpy: the collector runs on a login node without torch.
+
+    >>> frames = encode(Header(KIND_STEP, "run1", 0, 1, 7, 0, 0, 1, 0.0, 0,
+    ...                        [0.5, 1.2, [], [], None]), [])
+    >>> decode(frames).body[0]
+    0.5
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import msgpack
+
+__all__ = [
+    "DTYPES",
+    "KINDS",
+    "VERSION",
+    "DecodeError",
+    "Header",
+    "Message",
+    "Tensor",
+    "decode",
+    "encode",
+]
+
+VERSION = 1
+
+KIND_HELLO = 1
+KIND_CONFIG = 2
+KIND_DATA = 3
+KIND_STEP = 4
+KIND_EPOCH = 5
+KIND_VALIDATION = 6
+KIND_BYE = 7
+KINDS = {
+    KIND_HELLO: "hello",
+    KIND_CONFIG: "config",
+    KIND_DATA: "data",
+    KIND_STEP: "step",
+    KIND_EPOCH: "epoch",
+    KIND_VALIDATION: "validation",
+    KIND_BYE: "bye",
+}
+
+# dtype name -> bytes per element. bfloat16/float16 travel as they are; the collector widens.
+DTYPES = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8, "int64": 8, "int32": 4}
+MAX_DIMS = 8
+MAX_RUN_LEN = 256
+MAX_WORLD = 1 << 20
+
+
+class DecodeError(ValueError):
+    """A message that is not a valid trainwatch message; ``reason`` is a short counter key."""
+
+    def __init__(self, reason: str, detail: str = "", run: str | None = None) -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.run = run
+
+
+class Header(NamedTuple):
+    kind: int
+    run: str
+    rank: int
+    world_size: int
+    instance: int
+    seq: int
+    step: int
+    epoch: int
+    wall_time: float
+    dropped: int
+    body: Any
+
+
+class Tensor(NamedTuple):
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    data: bytes | memoryview
+
+
+class Message(NamedTuple):
+    """A decoded, validated message. ``tensors`` maps name -> Tensor."""
+
+    kind: int
+    run: str
+    rank: int
+    world_size: int
+    instance: int
+    seq: int
+    step: int
+    epoch: int
+    wall_time: float
+    dropped: int
+    body: Any
+    tensors: dict[str, Tensor]
+
+
+def encode(header: Header, tensors: list[Tensor]) -> list[bytes | memoryview]:
+    """Frames for one message: the packed header, then each tensor's raw bytes."""
+    specs = [[t.name, t.dtype, list(t.shape)] for t in tensors]
+    head = msgpack.packb([VERSION, *header, specs], use_bin_type=True)
+    return [head, *(t.data for t in tensors)]
+
+
+_unpackb = msgpack.unpackb
+
+
+def decode(frames: list[bytes] | list[memoryview]) -> Message:
+    """Validate and decode one message's frames; raise DecodeError with a reason otherwise."""
+    if not frames:
+        raise DecodeError("empty")
+    try:
+        h = _unpackb(frames[0], raw=False, strict_map_key=True)
+    except Exception as exc:  # msgpack raises several unrelated types on junk
+        raise DecodeError("bad_msgpack", type(exc).__name__) from None
+    if type(h) is not list or len(h) != 13:
+        raise DecodeError("bad_header", "not a 13-field array")
+    version, kind, run, rank, world, instance, seq, step, epoch, wall, dropped, body, specs = h
+    if version != VERSION:
+        raise DecodeError("bad_version", repr(version)[:40])
+    if type(run) is not str or not run or len(run) > MAX_RUN_LEN:
+        raise DecodeError("bad_field", "run")
+    if kind not in KINDS:
+        raise DecodeError("bad_kind", repr(kind)[:40], run)
+    if not (type(world) is int and 0 < world <= MAX_WORLD):
+        raise DecodeError("bad_field", "world_size", run)
+    if not (type(rank) is int and 0 <= rank < world):
+        raise DecodeError("bad_field", "rank", run)
+    for name, v in (("instance", instance), ("seq", seq), ("step", step), ("dropped", dropped)):
+        if type(v) is not int or v < 0:
+            raise DecodeError("bad_field", name, run)
+    if type(epoch) is not int or epoch < 0:
+        raise DecodeError("bad_epoch", repr(epoch)[:40], run)
+    if type(wall) is not float or not math.isfinite(wall):
+        raise DecodeError("bad_field", "wall_time", run)
+    tensors = _tensors(specs, frames, run)
+    body = _BODY_CHECKS[kind](body, tensors, run)
+    return Message(kind, run, rank, world, instance, seq, step, epoch, wall, dropped, body,
+                   tensors)
+
+
+def _tensors(specs: Any, frames: list, run: str) -> dict[str, Tensor]:
+    if type(specs) is not list or len(specs) != len(frames) - 1:
+        raise DecodeError("bad_tensors", "spec count != frame count", run)
+    out: dict[str, Tensor] = {}
+    for spec, data in zip(specs, frames[1:], strict=True):
+        if type(spec) is not list or len(spec) != 3:
+            raise DecodeError("bad_tensors", "spec shape", run)
+        name, dtype, shape = spec
+        if type(name) is not str or name in out or dtype not in DTYPES:
+            raise DecodeError("bad_tensors", "name or dtype", run)
+        if type(shape) is not list or len(shape) > MAX_DIMS:
+            raise DecodeError("bad_tensors", "shape", run)
+        n = DTYPES[dtype]
+        for d in shape:
+            if type(d) is not int or d < 0:
+                raise DecodeError("bad_tensors", "shape", run)
+            n *= d  # Python ints: a huge declared shape cannot overflow, it just mismatches
+        if n != len(data):
+            raise DecodeError("size_mismatch", f"{name}: declared {n} bytes, frame {len(data)}",
+                              run)
+        out[name] = Tensor(name, dtype, tuple(shape), data)
+    return out
+
+
+def _is_num(v: Any) -> bool:
+    return type(v) is float or type(v) is int
+
+
+def _str_list(v: Any) -> bool:
+    return type(v) is list and all(type(s) is str for s in v)
+
+
+def _map(body: Any, run: str) -> dict:
+    if type(body) is not dict:
+        raise DecodeError("bad_body", "expected a map", run)
+    return body
+
+
+def _check_hello(body: Any, tensors: dict, run: str) -> dict:
+    body = _map(body, run)
+    env = body.get("env", {})
+    if type(env) is not dict or not all(type(v) is str for v in env.values()):
+        raise DecodeError("bad_body", "hello env", run)
+    return body
+
+
+def _check_config(body: Any, tensors: dict, run: str) -> dict:
+    body = _map(body, run)
+    if type(body.get("config")) is not dict:
+        raise DecodeError("bad_body", "config", run)
+    if body.get("num_params") is not None and type(body["num_params"]) is not int:
+        raise DecodeError("bad_body", "num_params", run)
+    return body
+
+
+def _check_data(body: Any, tensors: dict, run: str) -> dict:
+    body = _map(body, run)
+    index, count, channels = body.get("index"), body.get("count"), body.get("channels")
+    if not (type(index) is int and type(count) is int and 0 <= index < count):
+        raise DecodeError("bad_body", "data chunk index", run)
+    if not _str_list(channels) or "chunk" not in tensors:
+        raise DecodeError("bad_body", "data channels or chunk", run)
+    shape = tensors["chunk"].shape
+    if not shape or shape[-1] != len(channels):
+        raise DecodeError("size_mismatch", "data chunk's last dim != channels", run)
+    for const in ("mean", "std"):
+        t = tensors.get(const)
+        if t is not None and t.shape != (len(channels),):
+            raise DecodeError("size_mismatch", f"data {const} shape", run)
+    return body
+
+
+def _check_step(body: Any, tensors: dict, run: str) -> list:
+    if type(body) is not list or len(body) != 4:
+        raise DecodeError("bad_body", "step", run)
+    loss, grad_norm, names, values = body
+    if not _is_num(loss) or not (grad_norm is None or _is_num(grad_norm)):
+        raise DecodeError("bad_body", "step loss or grad_norm", run)
+    if not _str_list(names) or type(values) is not list or len(values) != len(names):
+        raise DecodeError("bad_body", "step components", run)
+    if not all(_is_num(v) for v in values):
+        raise DecodeError("bad_body", "step component values", run)
+    pn = tensors.get("param_norms")
+    if pn is not None and len(pn.shape) != 1:
+        raise DecodeError("size_mismatch", "param_norms must be 1-D", run)
+    return body
+
+
+def _check_epoch(body: Any, tensors: dict, run: str) -> dict:
+    body = _map(body, run)
+    for key, n in (("weights", 5), ("ema", 2)):
+        v = body.get(key)
+        if v is not None and not (type(v) is list and len(v) == n and all(map(_is_num, v))):
+            raise DecodeError("bad_body", f"epoch {key}", run)
+    names = body.get("param_names")
+    if names is not None and not _str_list(names):
+        raise DecodeError("bad_body", "epoch param_names", run)
+    return body
+
+
+def _check_validation(body: Any, tensors: dict, run: str) -> dict:
+    body = _map(body, run)
+    channels = body.get("channels")
+    samples = tensors.get("samples")
+    if samples is None or not samples.shape or samples.dtype not in (
+            "float16", "bfloat16", "float32", "float64"):
+        raise DecodeError("bad_body", "validation samples", run)
+    if channels is not None and (not _str_list(channels) or len(channels) != samples.shape[-1]):
+        raise DecodeError("size_mismatch", "validation channels != last dim", run)
+    return body
+
+
+def _check_bye(body: Any, tensors: dict, run: str) -> dict:
+    return _map(body, run)
+
+
+_BODY_CHECKS = {
+    KIND_HELLO: _check_hello,
+    KIND_CONFIG: _check_config,
+    KIND_DATA: _check_data,
+    KIND_STEP: _check_step,
+    KIND_EPOCH: _check_epoch,
+    KIND_VALIDATION: _check_validation,
+    KIND_BYE: _check_bye,
+}
