@@ -49,7 +49,7 @@ def _best_pair(kernel, baseline, repeats: int) -> tuple[float, float]:
     return best_k, best_b
 
 
-def bench_kernels(n: int = N, repeats: int = 5) -> dict:
+def bench_kernels(n: int = N, repeats: int = 7) -> dict:
     rng = np.random.default_rng(0)
     f32 = (rng.standard_normal(n) * 3.0 + 1.0).astype(np.float32)
     inputs = {

@@ -36,9 +36,6 @@ TARGETS = {"client_added_pct": ("<=", 2.0), "sync_wandb_over_client": (">=", 20.
 def bench_client(tmp: Path, rounds: int = 7, steps: int = 150) -> dict:
     import torch
 
-    from collector.pipeline import Pipeline
-    from collector.profile import load_profile
-    from collector.server import Collector
     from trainer_client import TrainerClient
 
     torch.manual_seed(0)

@@ -52,6 +52,29 @@ MESSAGE_FIELDS = dict(value=1.0, threshold=1.0, metric="m", median=1.0, factor=1
                       denominator="d", window=1, length=1, min_count=1)
 
 
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+# Value checks by name: (predicate, what an error says was expected).
+_CHECKS: dict[str, tuple[Any, str]] = {
+    "str": (lambda v: isinstance(v, str), "a string"),
+    "bool": (lambda v: isinstance(v, bool), "true or false"),
+    "number": (lambda v: (_is_int(v) or isinstance(v, float)) and math.isfinite(v), "a number"),
+    "posint": (lambda v: _is_int(v) and v > 0, "a positive integer"),
+    "op": (lambda v: isinstance(v, str) and v in OPS, f"one of {OPS}"),
+    "severity": (lambda v: isinstance(v, str) and v in SEVERITIES, f"one of {SEVERITIES}"),
+    "detail": (lambda v: isinstance(v, str) and v in DETAILS, f"one of {DETAILS}"),
+    "phases": (lambda v: isinstance(v, list) and all(_is_int(p) and p > 0 for p in v),
+               "a list of phase numbers (1, 2, ...)"),
+    "ends": (lambda v: isinstance(v, list) and all(_is_int(p) for p in v)
+             and v == sorted(set(v)), "an increasing list of epochs"),
+    "metric": (lambda v: (isinstance(v, str) and v != "") or (
+        isinstance(v, list) and v != [] and all(isinstance(m, str) and m for m in v)),
+        "a metric name or a list of them"),
+}
+
+
 class ProfileError(ValueError):
     """A profile file that cannot be used; the message names the file and the key."""
 
@@ -104,7 +127,7 @@ class Diagnosis:
 @dataclass(frozen=True)
 class Profile:
     name: str
-    source: str  # the files it was read from
+    source: str  # the user's file, or the default's path
     knee_channel: str  # "" switches the knee metrics and rules off
     grf_channel: str
     knee_healthy_std: float
@@ -183,9 +206,7 @@ class _Builder:
         return value
 
     def get(self, keys: tuple[str, ...], check: str, default: Any = None) -> Any:
-        node: Any = self.data
-        for k in keys:
-            node = node.get(k) if isinstance(node, dict) else None
+        node = _dig(self.data, keys)
         if node is None:
             if default is None:
                 raise self.fail(keys, "missing")
@@ -193,26 +214,8 @@ class _Builder:
         return self.check(keys, node, check)
 
     def check(self, keys: tuple[str, ...], v: Any, check: str) -> Any:
-        ok = {
-            "str": isinstance(v, str),
-            "bool": isinstance(v, bool),
-            "number": isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v),
-            "posint": isinstance(v, int) and not isinstance(v, bool) and v > 0,
-            "op": v in OPS,
-            "severity": v in SEVERITIES,
-            "detail": v in DETAILS,
-            "phases": isinstance(v, list) and all(isinstance(p, int) and p > 0 for p in v),
-            "ends": isinstance(v, list) and all(isinstance(p, int) for p in v)
-            and v == sorted(set(v)),
-            "metric": (isinstance(v, str) and v != "") or (isinstance(v, list) and v != []
-                                                          and all(isinstance(m, str) for m in v)),
-        }[check]
-        if not ok:
-            want = {"posint": "a positive integer", "op": f"one of {OPS}",
-                    "severity": f"one of {SEVERITIES}", "detail": f"one of {DETAILS}",
-                    "phases": "a list of phase numbers (1, 2, ...)",
-                    "ends": "an increasing list of epochs", "metric": "a metric name or a list",
-                    }.get(check, f"a {check}")
+        ok, want = _CHECKS[check]
+        if not ok(v):
             raise self.fail(keys, f"expected {want}, got {v!r}")
         return float(v) if check == "number" else v
 

@@ -34,6 +34,7 @@ MESSAGE = 0
 CONTROL = 1
 _HEAD = struct.Struct("<4sII")  # MARK, body_len, crc32
 _BODY = struct.Struct("<BH")
+_LEN = struct.Struct("<I")
 MAX_BODY = 1 << 31
 
 _log = logging.getLogger("trainwatch.recording")
@@ -148,6 +149,7 @@ def read_records(path: str | Path, stats: ReadStats | None = None
         raise ValueError(f"{path} is not a trainwatch recording (bad magic)")
     pos, end = len(MAGIC), len(data)
     unpack_head, unpack_body, crc32 = _HEAD.unpack_from, _BODY.unpack_from, zlib.crc32
+    unpack_len = _LEN.unpack_from
     while pos < end:
         if end - pos < _HEAD.size:
             st.truncated_bytes = end - pos
@@ -178,11 +180,14 @@ def read_records(path: str | Path, stats: ReadStats | None = None
             st.corrupted += 1
             pos = _resync(raw, pos + 1)
             continue
-        lens = struct.unpack_from(f"<{n}I", body, _BODY.size)
-        frames = []
-        for ln in lens:
-            frames.append(body[off:off + ln])
-            off += ln
+        if n == 1:  # most messages: one header frame
+            frames = [body[off:]]
+            off = blen if unpack_len(body, _BODY.size)[0] == blen - off else -1
+        else:
+            frames = []
+            for ln in struct.unpack_from(f"<{n}I", body, _BODY.size):
+                frames.append(body[off:off + ln])
+                off += ln
         pos = start + blen
         if off != blen:
             st.corrupted += 1

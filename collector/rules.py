@@ -290,7 +290,7 @@ def _in(item: Rule | Diagnosis, phase: int) -> bool:
 
 
 def _cleared(res: Result) -> str:
-    v = res.get("value")
-    if isinstance(v, int | float) and res.get("metric"):
+    v, metric = res.get("value"), str(res.get("metric", ""))
+    if isinstance(v, int | float) and metric and not metric.startswith("facts/"):
         return f": {res['metric']} is {v:.4g}"
     return ""

@@ -18,7 +18,7 @@ import numpy as np
 
 from .datastats import DataStatsAccumulator
 from .inputs import EMA_FIELDS, WEIGHT_FIELDS, DataConstants, EpochInput, ValidationInput
-from .kernels import channel_moments, merge_moments, moments_1d
+from .kernels import channel_moments, moments_1d, reduce_moments
 from .profile import Profile
 
 __all__ = ["EpochStats", "epoch_stats", "validation_metrics"]
@@ -60,22 +60,30 @@ def _differs(a: np.ndarray, b: np.ndarray, tol: float) -> np.ndarray:
     return np.where(fin, rel, ~((a == b) | (np.isnan(a) & np.isnan(b))))
 
 
+def _pool(parts: list[tuple]) -> tuple[int, float, float]:
+    """Chan-merges per-rank (count, mean, M2, ...) accumulators in one kernel call."""
+    if not parts:
+        return 0, 0.0, 0.0
+    n, mean, m2 = reduce_moments(np.array([p[0] for p in parts], dtype=np.int64),
+                                 np.array([p[1] for p in parts]), np.array([p[2] for p in parts]))
+    return int(n), float(mean), float(m2)
+
+
 def _losses(inp: EpochInput, st: EpochStats) -> None:
     """Per-step losses of every rank, pooled with per-rank moments merged by Chan."""
-    n, mean, m2, lo, hi = 0, 0.0, 0.0, math.inf, -math.inf
+    parts = []
     for rank in sorted(inp.steps):
         loss = inp.steps[rank].loss
-        if loss.size == 0:
-            continue
-        rn, rmean, rm2, rlo, rhi, bad = moments_1d(_f64(loss))
-        st.count_nonfinite("loss", bad, rank)
-        n, mean, m2 = merge_moments(n, mean, m2, rn, rmean, rm2)
-        lo, hi = min(lo, rlo), max(hi, rhi)
+        if loss.size:
+            parts.append(moments_1d(_f64(loss)))
+            st.count_nonfinite("loss", parts[-1][5], rank)
+    n, mean, m2 = _pool(parts)
     if n == 0:
         return
     std = math.sqrt(m2 / n)
-    st.metrics.update({"train/batch_loss_mean": float(mean), "train/batch_loss_std": std,
-                       "train/batch_loss_max": float(hi), "train/batch_loss_min": float(lo)})
+    st.metrics.update({"train/batch_loss_mean": mean, "train/batch_loss_std": std,
+                       "train/batch_loss_max": float(max(p[4] for p in parts)),
+                       "train/batch_loss_min": float(min(p[3] for p in parts))})
     if mean != 0:
         st.metrics["train/batch_loss_cv"] = std / abs(mean)
 
@@ -149,12 +157,13 @@ def _ema(inp: EpochInput, st: EpochStats) -> None:
 
 def _loss_ratios(inp: EpochInput, st: EpochStats) -> None:
     """loss_ratio/<term>: the term's epoch mean over the sum of all terms' epoch means."""
-    acc: dict[str, tuple[int, float, float]] = {}
+    parts: dict[str, list[tuple]] = {}
     for rank in sorted(inp.steps):
         for name in sorted(inp.steps[rank].components):
-            n, mean, m2, _, _, _ = moments_1d(_f64(inp.steps[rank].components[name]))
-            acc[name] = merge_moments(*acc.get(name, (0, 0.0, 0.0)), n, mean, m2)
-    means = {name: float(a[1]) for name, a in sorted(acc.items()) if a[0] > 0}
+            comp = inp.steps[rank].components[name]
+            parts.setdefault(name, []).append(moments_1d(_f64(comp)))
+    pooled = {name: _pool(p) for name, p in sorted(parts.items())}
+    means = {name: mean for name, (n, mean, _) in pooled.items() if n > 0}
     total = sum(means.values())
     if means and total != 0 and math.isfinite(total):
         st.metrics.update({f"loss_ratio/{name}": m / total for name, m in means.items()})

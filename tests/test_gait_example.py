@@ -22,9 +22,23 @@ if str(ROOT) not in sys.path:
 
 from examples.gait_diffusion import data as gd  # noqa: E402
 from examples.gait_diffusion.losses import GaitLoss, foot_position  # noqa: E402
-from examples.gait_diffusion.train import INJECT_FROM_EPOCH, RunResult, TrainConfig, train  # noqa: E402,E501
+from examples.gait_diffusion.train import (  # noqa: E402
+    INJECT_FROM_EPOCH,
+    RunResult,
+    TrainConfig,
+    train,
+)
 
 SMALL = dict(pseudo_dataset_len=256, batch_size=32, val_samples=16)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: on a shared two-core machine more threads only contend."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture
@@ -96,7 +110,8 @@ def test_grf_is_a_double_hump_with_zero_swing():
                 break
             f = grf[a:later[0]] / bw
             n = len(f)
-            first, mid, second = f[: n // 3].max(), f[n // 3: 2 * n // 3].min(), f[2 * n // 3:].max()
+            first, second = f[: n // 3].max(), f[2 * n // 3:].max()
+            mid = f[n // 3: 2 * n // 3].min()
             assert 1.0 <= first <= 1.25 and 1.0 <= second <= 1.25
             assert 0.65 <= mid <= 0.85
             humps += 1
@@ -142,16 +157,19 @@ def test_foot_position_of_a_straight_and_a_bent_leg():
 # -- training ------------------------------------------------------------------------------
 def test_training_loss_falls_and_samples_are_healthy(sink):
     endpoint, sock = sink
-    r = _run(endpoint, epochs=6, validate_every=6)
+    # 128 small steps: enough for samples that look like the data, not like noise.
+    r = _run(endpoint, epochs=8, batch_size=16, learning_rate=2e-3, validate_every=8)
     assert np.isfinite(r.step_loss).all()
-    assert r.epoch_loss[-1] < 0.5 * r.epoch_loss[0]
+    assert r.epoch_loss[-1] < 0.25 * r.epoch_loss[0]
     assert (r.grad_norm < 100).all()
-    samples = r.validation[6]
-    assert samples.std() > 0.5
-    assert 0.1 < _physical(r, samples, "knee_angle_r").std() < 1.0
-    assert _physical(r, samples, "grf_vz_r").std() > 10.0
+    samples = r.validation[8]
+    # Healthy per the guide (lower bounds), and near the data's own spread (upper bounds:
+    # pure noise would give ~4, ~1.5 rad, ~1400 N).
+    assert 0.5 < samples.std() < 1.5
+    assert 0.1 < _physical(r, samples, "knee_angle_r").std() < 0.6
+    assert 10.0 < _physical(r, samples, "grf_vz_r").std() < 600.0
     assert r.client_stats["dropped"] == 0
-    assert _received(sock) == r.client_stats["sent"] > 6 * 8
+    assert _received(sock) == r.client_stats["sent"] > 8 * 16
 
 
 def test_inject_exploding_gradients(sink):

@@ -16,9 +16,9 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import CollectorProc, env, finish, start_trainer
 
 from collector.recording import MESSAGE, ReadStats, read_records
-from conftest import CollectorProc, env, finish, start_trainer
 
 STEPS, EPOCHS, WORLD = 20, 3, 3
 
@@ -161,3 +161,26 @@ def test_collector_killed_and_restarted_mid_run(tmp_path):
     assert c["seq_gaps"] >= c["reported_drops"] == res["stats"]["dropped"]
     recs = second.records()
     assert recs[-1]["type"] == "summary"
+
+
+def test_local_collector_makes_monitoring_one_line(tmp_path):
+    code = f"""
+import torch
+from trainer_client import TrainerClient
+tw = TrainerClient(run="solo", local_collector={str(tmp_path / 'tw')!r})
+m = torch.nn.Linear(4, 1)
+for epoch in (1, 2):
+    for _ in range(5):
+        loss = m(torch.randn(8, 4)).pow(2).mean()
+        loss.backward()
+        tw.log_step(loss, model=m)
+    tw.log_epoch(epoch, model=m)
+tw.close()
+"""
+    r = subprocess.run([sys.executable, "-c", code], env=env(), capture_output=True,
+                       text=True, timeout=180)
+    assert r.returncode == 0, r.stderr
+    lines = (tmp_path / "tw" / "solo.jsonl").read_text().splitlines()
+    types = [json.loads(x)["type"] for x in lines]
+    assert types.count("epoch") == 2 and types[-1] == "summary"
+    assert (tmp_path / "tw" / "solo.twrec").stat().st_size > 0

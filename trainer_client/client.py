@@ -78,16 +78,25 @@ class TrainerClient:
     Run id: argument, else ``TRAINWATCH_RUN``, else derived from the launcher so every
     rank agrees. Rank/world size: argument, else ``torch.distributed``, else ``RANK`` /
     ``WORLD_SIZE``, else 0/1. CURVE keys: argument or ``TRAINWATCH_CURVE_KEYS`` (a folder
-    made by ``trainwatch keys generate``).
+    made by ``trainwatch keys generate``). ``local_collector=FOLDER``: with no endpoint
+    configured, start a collector of this job's own that writes into FOLDER.
     """
 
     def __init__(self, endpoint: str | None = None, run: str | None = None,
                  rank: int | None = None, world_size: int | None = None,
                  curve_keys: str | None = None, max_queue: int = 10_000,
-                 max_queue_bytes: int = 1 << 30) -> None:
-        self.endpoint = identity.resolve_endpoint(endpoint)
+                 max_queue_bytes: int = 1 << 30,
+                 local_collector: str | os.PathLike[str] | None = None) -> None:
         self.run = identity.resolve_run(run)
         self.rank, self.world_size = identity.resolve_rank_world(rank, world_size)
+        self._local = None
+        if local_collector is not None and endpoint is None \
+                and not os.environ.get("TRAINWATCH_ENDPOINT"):
+            from .local import LocalCollector
+
+            self._local = LocalCollector(local_collector, self.run)
+            endpoint = self._local.endpoint
+        self.endpoint = identity.resolve_endpoint(endpoint)
         curve = _load_curve(curve_keys or os.environ.get("TRAINWATCH_CURVE_KEYS"))
         self._pid = os.getpid()
         self._seq = itertools.count()
@@ -99,7 +108,8 @@ class TrainerClient:
         self._params: dict[int, list[tuple[str, torch.Tensor]]] = {}
         self._sender = Sender(self.endpoint, self.run, self.rank, self.world_size,
                               random.getrandbits(32), max_queue=max_queue,
-                              max_queue_bytes=max_queue_bytes, curve=curve)
+                              max_queue_bytes=max_queue_bytes, curve=curve,
+                              connect_grace_s=60.0 if self._local else 5.0)
         _clients.add(self)
         body = {"host": socket.gethostname(), "pid": self._pid, "env": identity.wandb_env()}
         self._enqueue(wire.KIND_HELLO, lambda _h: (body, []))
@@ -265,12 +275,16 @@ class TrainerClient:
             self._closed = True
         if os.getpid() != self._pid:
             return
+        if self._local is not None:  # our own collector may still be starting up
+            timeout = max(timeout, 30.0)
         deadline = time.monotonic() + max(0.0, timeout)
         seq = next(self._seq)
         final = Item(wire.KIND_BYE, seq, self._step, self._epoch, self._sender.enq_dropped,
                      lambda _h: ({"stats": self._final_stats()}, []))
         if not self._sender.close(deadline, final):
             _log.warning("trainwatch: close() timed out after %.1fs", timeout)
+        if self._local is not None:
+            self._local.wait(max(5.0, 6 * timeout))
 
     def __enter__(self) -> TrainerClient:
         return self

@@ -57,6 +57,7 @@ class Sender:
     def __init__(self, endpoint: str, run: str, rank: int, world_size: int, instance: int,
                  max_queue: int = 10_000, max_queue_bytes: int = 1 << 30,
                  sndhwm: int = 10_000, send_wait_s: float = 0.1,
+                 connect_grace_s: float = 5.0,
                  curve: dict[str, bytes] | None = None) -> None:
         self.endpoint = endpoint
         self._ident = (run, rank, world_size, instance)
@@ -64,6 +65,9 @@ class Sender:
         self.max_queue_bytes = max_queue_bytes
         self._sndhwm = sndhwm
         self._send_wait_ms = int(send_wait_s * 1000)
+        # The first message may wait this long for a collector that starts after the
+        # trainer (its own thread waits; the training thread keeps queueing).
+        self._grace_ms = int(connect_grace_s * 1000)
         self._curve = curve
         self._queue: deque[Item] = deque()
         self._wake = threading.Event()
@@ -185,10 +189,19 @@ class Sender:
                 return
             except zmq.Again:
                 if attempt == 0 and wait:
-                    sock.poll(self._send_wait_ms, zmq.POLLOUT)
+                    self._wait_writable(sock)
             except zmq.ZMQError:
                 break
         self.drops["send_failed"] += 1
+
+    def _wait_writable(self, sock: zmq.Socket) -> None:
+        """Poll for room: briefly, or through the first-connect grace; close() cuts it short."""
+        grace, self._grace_ms = self._grace_ms, 0
+        left = max(grace, self._send_wait_ms)
+        while left > 0 and (self._stop_at is None or time.monotonic() < self._stop_at - 0.1):
+            if sock.poll(min(left, self._send_wait_ms), zmq.POLLOUT):
+                return
+            left -= self._send_wait_ms
 
     def _sender_dropped(self) -> int:
         d = self.drops

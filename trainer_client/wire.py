@@ -127,7 +127,10 @@ _unpackb = msgpack.unpackb
 
 
 def decode(frames: list[bytes] | list[memoryview]) -> Message:
-    """Validate and decode one message's frames; raise DecodeError with a reason otherwise."""
+    """Validate and decode one message's frames; raise DecodeError with a reason otherwise.
+
+    This runs once per message live and in replay, so the common checks are inlined.
+    """
     if not frames:
         raise DecodeError("empty")
     try:
@@ -143,21 +146,29 @@ def decode(frames: list[bytes] | list[memoryview]) -> Message:
         raise DecodeError("bad_field", "run")
     if kind not in KINDS:
         raise DecodeError("bad_kind", repr(kind)[:40], run)
-    if not (type(world) is int and 0 < world <= MAX_WORLD):
-        raise DecodeError("bad_field", "world_size", run)
-    if not (type(rank) is int and 0 <= rank < world):
-        raise DecodeError("bad_field", "rank", run)
-    for name, v in (("instance", instance), ("seq", seq), ("step", step), ("dropped", dropped)):
-        if type(v) is not int or v < 0:
-            raise DecodeError("bad_field", name, run)
+    if type(world) is not int or type(rank) is not int or not 0 <= rank < world <= MAX_WORLD:
+        raise DecodeError("bad_field", "rank or world_size", run)
+    if type(instance) is not int or type(seq) is not int or type(step) is not int \
+            or type(dropped) is not int or (instance | seq | step | dropped) < 0:
+        raise DecodeError("bad_field", "instance, seq, step or dropped", run)
     if type(epoch) is not int or epoch < 0:
         raise DecodeError("bad_epoch", repr(epoch)[:40], run)
-    if type(wall) is not float or not math.isfinite(wall):
+    if type(wall) is not float or not _isfinite(wall):
         raise DecodeError("bad_field", "wall_time", run)
-    tensors = _tensors(specs, frames, run)
+    if specs or len(frames) != 1:
+        tensors = _tensors(specs, frames, run)
+    elif type(specs) is list:
+        tensors = _NO_TENSORS
+    else:
+        raise DecodeError("bad_tensors", "specs", run)
     body = _BODY_CHECKS[kind](body, tensors, run)
     return Message(kind, run, rank, world, instance, seq, step, epoch, wall, dropped, body,
                    tensors)
+
+
+_isfinite = math.isfinite
+_NO_TENSORS: dict[str, Tensor] = {}
+_NUM_TYPES = frozenset((int, float))
 
 
 def _tensors(specs: Any, frames: list, run: str) -> dict[str, Tensor]:
@@ -232,19 +243,29 @@ def _check_data(body: Any, tensors: dict, run: str) -> dict:
     return body
 
 
+# Step messages repeat the same component names: the last validated list is remembered.
+_known_names: list = [[]]
+
+
 def _check_step(body: Any, tensors: dict, run: str) -> list:
     if type(body) is not list or len(body) != 4:
         raise DecodeError("bad_body", "step", run)
     loss, grad_norm, names, values = body
-    if not _is_num(loss) or not (grad_norm is None or _is_num(grad_norm)):
+    if (type(loss) is not float and type(loss) is not int) or not (
+            grad_norm is None or type(grad_norm) is float or type(grad_norm) is int):
         raise DecodeError("bad_body", "step loss or grad_norm", run)
-    if not _str_list(names) or type(values) is not list or len(values) != len(names):
-        raise DecodeError("bad_body", "step components", run)
-    if not all(_is_num(v) for v in values):
+    if names != _known_names[0]:
+        if not _str_list(names):
+            raise DecodeError("bad_body", "step components", run)
+        _known_names[0] = names
+    if type(values) is not list or len(values) != len(names) or (
+            values and not _NUM_TYPES.issuperset(map(type, values))):
         raise DecodeError("bad_body", "step component values", run)
-    pn = tensors.get("param_norms")
-    if pn is not None and len(pn.shape) != 1:
-        raise DecodeError("size_mismatch", "param_norms must be 1-D", run)
+    if tensors:
+        pn = tensors.get("param_norms")
+        if pn is None or len(tensors) != 1 or len(pn.shape) != 1 or pn.dtype != "float32":
+            raise DecodeError("bad_tensors", "a step carries only 1-D float32 param_norms",
+                              run)
     return body
 
 

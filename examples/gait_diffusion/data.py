@@ -203,7 +203,8 @@ def make_dataset(config: DataConfig) -> GaitDataset:
               for _ in range(config.num_train_trials)]
     which = rng.integers(0, config.num_train_trials, config.pseudo_dataset_len)
     start = rng.integers(0, n - config.window_len + 1, config.pseudo_dataset_len)
-    windows = np.stack([trials[i][s:s + config.window_len] for i, s in zip(which, start)])
+    pairs = zip(which, start, strict=True)
+    windows = np.stack([trials[i][s:s + config.window_len] for i, s in pairs])
     mean = windows.mean(axis=(0, 1))
     std = windows.std(axis=(0, 1))
     normalized = (windows - mean) / std

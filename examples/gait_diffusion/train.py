@@ -38,7 +38,7 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from examples.gait_diffusion.data import DataConfig, make_dataset  # noqa: E402
+from examples.gait_diffusion.data import DataConfig, GaitDataset, make_dataset  # noqa: E402
 from examples.gait_diffusion.losses import GaitLoss  # noqa: E402
 from examples.gait_diffusion.model import (  # noqa: E402
     Denoiser,
@@ -147,6 +147,30 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     )
 
 
+import os as _os
+STRAT = _os.environ.get("GD_STRAT") == "1"
+COSINE = _os.environ.get("GD_COSINE") == "1"
+
+
+def learning_rate(config: TrainConfig, epoch: int) -> float:
+    """The epoch's learning rate: cosine decay to a tenth over the run, then the inject."""
+    lr = config.learning_rate
+    if COSINE:
+        lr *= 0.55 + 0.45 * math.cos(math.pi * (epoch - 1) / max(config.epochs - 1, 1))
+    if epoch >= INJECT_FROM_EPOCH and config.inject == "exploding":
+        return lr * EXPLODE_LR_FACTOR
+    if epoch >= INJECT_FROM_EPOCH and config.inject == "stall":
+        return 0.0
+    return lr
+
+
+def _timesteps(n: int, steps: int, gen: torch.Generator, stratified: bool) -> torch.Tensor:
+    if not stratified:
+        return torch.randint(0, steps, (n,), generator=gen)
+    u = (torch.arange(n) + torch.rand(n, generator=gen)) / n
+    return (u[torch.randperm(n, generator=gen)] * steps).long().clamp(max=steps - 1)
+
+
 def _setup_distributed() -> tuple[int, int]:
     """Join the torchrun group (gloo, CPU) when launched by torchrun; else one process."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
@@ -192,21 +216,17 @@ def train(config: TrainConfig) -> RunResult:
     term_names: list[str] = []
     validation: dict[int, np.ndarray] = {}
     for epoch in range(1, config.epochs + 1):
-        data_epoch = epoch
-        if config.inject == "exploding" and epoch == INJECT_FROM_EPOCH:
-            for group in opt.param_groups:
-                group["lr"] = config.learning_rate * EXPLODE_LR_FACTOR
-        if config.inject == "stall" and epoch >= INJECT_FROM_EPOCH:
-            for group in opt.param_groups:
-                group["lr"] = 0.0
-            data_epoch = INJECT_FROM_EPOCH
+        for group in opt.param_groups:
+            group["lr"] = learning_rate(config, epoch)
+        # The stalled epochs replay one epoch's batches and noise (see the module docstring).
+        data_epoch = min(epoch, INJECT_FROM_EPOCH) if config.inject == "stall" else epoch
         sampler.set_epoch(data_epoch)
         gen = torch.Generator().manual_seed(config.seed * 1_000_003 + data_epoch * 1009 + rank)
         model.train()
         epoch_sum = torch.zeros(())
         n_steps = 0
         for (x0,) in loader:
-            t = torch.randint(0, diffusion.steps, (x0.shape[0],), generator=gen)
+            t = _timesteps(x0.shape[0], diffusion.steps, gen, STRAT)
             eps = torch.randn(x0.shape, generator=gen)
             x_t = diffusion.add_noise(x0, t, eps)
             eps_hat, x0_hat = diffusion.predict(model, x_t, t)
@@ -255,7 +275,7 @@ def train(config: TrainConfig) -> RunResult:
     return result
 
 
-def _print_validation(epoch: int, samples: torch.Tensor, data) -> None:  # noqa: ANN001
+def _print_validation(epoch: int, samples: torch.Tensor, data: GaitDataset) -> None:
     phys = data.denormalize(samples)
     knee = data.channel_names.index("knee_angle_r")
     grf = data.channel_names.index("grf_vz_r")

@@ -27,6 +27,7 @@ def main() -> None:
     ap.add_argument("--close-timeout", type=float, default=10.0)
     ap.add_argument("--validate", action="store_true")
     ap.add_argument("--bf16", action="store_true")
+    ap.add_argument("--curve-keys", default=None)
     ap.add_argument("--no-bye", action="store_true", help="exit without close(): a dead rank")
     a = ap.parse_args()
 
@@ -37,7 +38,8 @@ def main() -> None:
     g = torch.Generator().manual_seed(1000 + a.rank)
     x = torch.randn(256, 8, generator=g)
     y = torch.stack([x[:, :4].sum(1), x[:, 4:].prod(1)], 1)
-    tw = TrainerClient(endpoint=a.endpoint, run=a.run, rank=a.rank, world_size=a.world)
+    tw = TrainerClient(endpoint=a.endpoint, run=a.run, rank=a.rank, world_size=a.world,
+                       curve_keys=a.curve_keys)
     tw.log_config({"learning_rate": a.lr, "batch_size": 32, "epochs": a.epochs}, model=model)
     made = {"hello": 1, "config": 1, "step": 0, "epoch": 0, "validation": 0}
     step_times = []

@@ -1,0 +1,143 @@
+"""The rules profile: the seed default, user overrides, errors that name the file and key."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from collector.health import RunHealth
+from collector.inputs import EpochInput, StepSeries
+from collector.profile import DEFAULT_PATH, ProfileError, load_profile
+
+
+def _write(tmp_path, text: str) -> str:
+    p = tmp_path / "user.toml"
+    p.write_text(text)
+    return str(p)
+
+
+def _rule(profile, rid):
+    return next(r for r in profile.rules if r.id == rid)
+
+
+def _epoch(e: int, grad: float) -> EpochInput:
+    s = StepSeries(np.arange(4, dtype=np.int64) + 10 * e, np.array([1.0, 1.1, 0.9, 1.0]) / e,
+                   np.full(4, grad))
+    return EpochInput("run", e, 1, {0: s}, {}, {}, [])
+
+
+def test_default_profile_is_the_seed_guide():
+    p = load_profile(None)
+    assert p.name == "gait_diffusion" and p.source == str(DEFAULT_PATH)
+    assert (p.knee_channel, p.grf_channel) == ("knee_angle_r", "grf_vz_r")
+    assert (p.knee_healthy_std, p.grf_healthy_std) == (0.1, 10.0)
+    assert [p.phase(e) for e in (1, 50, 51, 200, 201)] == [1, 1, 2, 2, 3]
+    seed = {"exploding_gradients": 100.0, "vanishing_gradients": 0.001, "batch_loss_flat": 0.01,
+            "batch_loss_cv_low": 0.01, "exploding_weights": 10.0, "dead_neurons": 0.001,
+            "weights_jump": 0.5, "ema_diff_high": 1.0, "loss_term_dominant": 0.9,
+            "gen_std_low": 0.1, "gen_range_low": 0.5, "knee_collapsed": 0.05,
+            "grf_collapsed": 1.0}
+    for rid, threshold in seed.items():
+        assert _rule(p, rid).condition.threshold == threshold, rid
+    assert _rule(p, "stalled").condition.length == 10
+    surge = _rule(p, "grad_norm_unstable").condition
+    assert (surge.factor, surge.window, surge.min_count) == (3.0, 10, 3)
+    mc = next(d for d in p.diagnoses if d.id == "mode_collapse")
+    assert mc.require == 3 and len(mc.conditions) == 6 and mc.score
+    assert {d.id for d in p.diagnoses} == {"validation_bad_while_loss_falls", "loss_not_falling",
+                                           "gradient_explosion", "mode_collapse"}
+    assert all(d.cause and d.remedy for d in p.diagnoses)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        p.knee_channel = "x"  # type: ignore[misc]
+
+
+def test_user_file_overrides_single_keys_and_keeps_the_rest(tmp_path):
+    p = load_profile(_write(tmp_path, """
+[rules.exploding_gradients]
+threshold = 50.0
+[phases]
+ends = [10, 20]
+[diagnoses.mode_collapse]
+require = 2
+[diagnoses.mode_collapse.conditions.gen_std_low]
+threshold = 0.2
+"""))
+    rule = _rule(p, "exploding_gradients")
+    default = _rule(load_profile(None), "exploding_gradients")
+    assert rule.condition.threshold == 50.0
+    assert (rule.message, rule.severity, rule.remedy) == (default.message, default.severity,
+                                                          default.remedy)
+    assert p.phase(15) == 2 and p.phase(21) == 3
+    mc = next(d for d in p.diagnoses if d.id == "mode_collapse")
+    conds = dict(mc.conditions)
+    assert mc.require == 2 and conds["gen_std_low"].threshold == 0.2
+    assert conds["gen_std_low"].latest and len(conds) == 6
+    h = RunHealth("run", p)
+    h.on_epoch(_epoch(1, 1.0))
+    m, ev = h.on_epoch(_epoch(2, 60.0))
+    assert m["health/exploding_gradients"] == 1 and ev[0]["rule"] == "exploding_gradients"
+
+
+def test_rules_can_be_switched_off_and_added(tmp_path):
+    p = load_profile(_write(tmp_path, """
+[rules.loss_increasing]
+enabled = false
+[rules.grad_norm_high]
+kind = "threshold"
+metric = "train/grad_norm_mean"
+op = ">"
+threshold = 5.0
+severity = "warning"
+message = "grad_norm_mean {value:g} above {threshold:g}"
+remedy = "Clip."
+"""))
+    assert "loss_increasing" not in {r.id for r in p.rules}
+    h = RunHealth("run", p)
+    h.on_epoch(_epoch(1, 1.0))
+    m, ev = h.on_epoch(_epoch(2, 8.0))
+    assert "health/loss_increasing" not in m and m["health/grad_norm_high"] == 1
+    assert {"rule": "grad_norm_high", "severity": "warning",
+            "message": "grad_norm_mean 8 above 5", "remedy": "Clip."} in ev
+
+
+BAD = [
+    ("[rules.stalled]\nop = \"=>\"\n", "rules.stalled.op", "expected one of"),
+    ("[rules.stalled]\nlenght = 3\n", "rules.stalled.lenght", "unknown key"),
+    ("[rules.stalled]\nlength = 0\n", "rules.stalled.length", "positive integer"),
+    ("[rules.stalled]\nkind = \"wobble\"\n", "rules.stalled.kind", "unknown kind"),
+    ("[rules.stalled]\nseverity = \"loud\"\n", "rules.stalled.severity", "expected one of"),
+    ("[rules.stalled]\nmessage = \"{nope}\"\n", "rules.stalled.message", "bad message template"),
+    ("[rules.ema_diff_surge]\nmetric = [\"a\", \"b\"]\n", "rules.ema_diff_surge.metric",
+     "takes one metric"),
+    ("[rules.ema_diff_surge]\nmin_count = 20\n", "rules.ema_diff_surge.min_count",
+     "larger than window"),
+    ("[rules.new_rule]\nkind = \"threshold\"\nmetric = \"x\"\nop = \">\"\nthreshold = 1\n",
+     "rules.new_rule.severity", "missing"),
+    ("[diagnoses.mode_collapse]\nrequire = 7\n", "diagnoses.mode_collapse.require", "exceeds"),
+    ("[validation]\nknee_healthy_std = \"big\"\n", "validation.knee_healthy_std",
+     "expected a number"),
+    ("[phases]\nends = [200, 50]\n", "phases.ends", "increasing"),
+    ("[rules.exploding_gradients.suggest]\nlearning_rate = true\n",
+     "rules.exploding_gradients.suggest.learning_rate", "expected a number"),
+    ("colour = 3\n", "colour", "unknown key"),
+]
+
+
+@pytest.mark.parametrize(("text", "key", "problem"), BAD)
+def test_errors_name_the_file_and_the_key(tmp_path, text, key, problem):
+    path = _write(tmp_path, text)
+    with pytest.raises(ProfileError) as info:
+        load_profile(path)
+    msg = str(info.value)
+    assert msg.startswith(f"{path}: {key}: "), msg
+    assert problem in msg
+    assert isinstance(info.value, ValueError)
+
+
+def test_unreadable_and_malformed_files(tmp_path):
+    with pytest.raises(ProfileError, match="missing.toml: cannot read"):
+        load_profile(str(tmp_path / "missing.toml"))
+    with pytest.raises(ProfileError, match="user.toml: not valid TOML"):
+        load_profile(_write(tmp_path, "[rules\n"))
