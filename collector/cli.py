@@ -6,6 +6,7 @@
     trainwatch report run.twrec -o report.html
     trainwatch upload run.twrec [--wandb-mode online]
     trainwatch keys generate KEYDIR
+    trainwatch forward --bind ipc:///tmp/tw.sock --connect tcp://login:5555
     trainwatch dashboard --project P [--entity E]
 """
 
@@ -120,6 +121,15 @@ def cmd_keys(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_forward(args: argparse.Namespace) -> int:
+    from .forward import forward
+    from .server import check_binds
+
+    check_binds([args.bind], False, args.insecure)
+    forward(args.bind, args.connect, args.curve_keys)
+    return 0
+
+
 def cmd_dashboard(args: argparse.Namespace) -> int:
     from .dashboard import create_workspace
 
@@ -184,6 +194,13 @@ def parser() -> argparse.ArgumentParser:
     g = ks.add_parser("generate", help="write server/client key pairs and authorized/")
     g.add_argument("dir")
     g.set_defaults(func=cmd_keys)
+
+    p = sub.add_parser("forward", help="relay a node's ranks to the collector")
+    p.add_argument("--bind", required=True, help="where this node's ranks connect")
+    p.add_argument("--connect", required=True, help="the collector's endpoint")
+    p.add_argument("--curve-keys", default=None, help="client keys for the collector")
+    p.add_argument("--insecure", action="store_true")
+    p.set_defaults(func=cmd_forward)
 
     p = sub.add_parser("dashboard", help="create the seed's wandb workspace (online)")
     p.add_argument("--project", required=True)

@@ -124,7 +124,8 @@ def _block_shifted(x, start, stop):
     """One read of x[start:stop]: moments shifted by the block's first value.
 
     M2 = sum(d^2) - sum(d)^2/k with d = v - x[start] loses at most ~k ulps (a data point is
-    within sqrt(k) std of the mean), negligible for k = 1024. The first returned value is
+    within sqrt(k) std of the mean), negligible for k = 1024; the mean is good to about an
+    ulp of the block's largest |value|, as a plain sum would be. The first returned value is
     False when a sum is not finite: the block holds NaN/Inf (or overflows) and must take the
     exact path instead, so no per-element finiteness branch is needed here.
     """

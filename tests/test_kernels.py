@@ -34,7 +34,8 @@ SPECIAL = [math.nan, math.inf, -math.inf]
 
 
 @st.composite
-def raw_arrays(draw, dtype: str, ndim: int = 1, max_size: int = 3000, chans: int = 0):
+def raw_arrays(draw, dtype: str, ndim: int = 1, max_size: int = 3000, chans: int = 0,
+               bound: float = 0.0):
     """A raw array as the wire delivers it, with NaN/Inf sprinkled in (bf16: uint16 bits)."""
     if ndim == 1:
         shape = (draw(st.integers(0, max_size)),)
@@ -46,7 +47,7 @@ def raw_arrays(draw, dtype: str, ndim: int = 1, max_size: int = 3000, chans: int
                                fill=st.integers(0x3C00, 0x3E00)))  # mostly ordinary values
         return bits if dtype == "bfloat16" else bits.view(np.float16)
     width = 32 if dtype == "float32" else 64
-    bound = 2.0**100 if width == 32 else 2.0**330
+    bound = bound or (2.0**100 if width == 32 else 2.0**330)
     finite = st.floats(-bound, bound, width=width)
     offset = draw(st.sampled_from([0.0, 1.0, -1e3, 1e6]))
     arr = draw(hnp.arrays(np.dtype(dtype), shape, elements=finite | st.sampled_from(SPECIAL),
@@ -182,7 +183,8 @@ def epoch_inputs(draw):
                  for t in ("simple", "vel", "fk")[: draw(st.integers(0, 3))]}
         series[r] = StepSeries(steps, loss, grad.copy(), comps)
     w = np.array([1000.0, 120.0, 3.0, 40.0, 2.5])
-    samples = draw(raw_arrays("float32", ndim=2, max_size=300, chans=2).filter(
+    # Moderate magnitudes: precision at extreme ranges is the kernel tests' business.
+    samples = draw(raw_arrays("float32", ndim=2, max_size=300, chans=2, bound=1e3).filter(
         lambda a: np.isfinite(a).any(axis=0).all()))
     val = ValidationInput(5, "float32", [samples], ["knee_angle_r", "grf_vz_r"])
     return EpochInput("run", 5, world, series, {r: w for r in range(world)},
