@@ -147,8 +147,7 @@ class RssSampler:
     def __init__(self, pid: int, every_s: float = 1.0) -> None:
         self.pid = pid
         self.every_s = every_s
-        self.samples: list[tuple[float, int]] = []  # (wall time, KiB)
-        self.last_cpu_s = 0.0
+        self.samples: list[tuple[float, int, float]] = []  # (wall time, RSS KiB, CPU s)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
 
@@ -161,11 +160,10 @@ class RssSampler:
             kb, cpu = rss_kb(self.pid), cpu_s(self.pid)
             if kb is None or cpu is None:
                 return
-            self.samples.append((time.time(), kb))
-            self.last_cpu_s = cpu
+            self.samples.append((time.time(), kb, cpu))
             self._stop.wait(self.every_s)
 
-    def stop(self) -> list[tuple[float, int]]:
+    def stop(self) -> list[tuple[float, int, float]]:
         self._stop.set()
         self._thread.join(5)
         return self.samples

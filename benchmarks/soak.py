@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -94,8 +95,10 @@ def run_soak(cfg: SoakConfig, workdir: Path) -> dict:
 
     # Judge memory over the loaded period only: before the first message the collector
     # has not yet loaded its kernels, and that step is not growth.
-    loaded = [kb for t, kb in samples if first <= t <= last]
-    trend = harness.rss_trend(loaded, cfg.rss_tolerance)
+    loaded = [(kb, cpu) for t, kb, cpu in samples if first <= t <= last]
+    trend = harness.rss_trend([kb for kb, _ in loaded], cfg.rss_tolerance)
+    cpu_loaded = loaded[-1][1] - loaded[0][1] if len(loaded) > 1 else 0.0
+    span_loaded = max(1e-9, last - first)
     if trend["flat"] is False:
         problems.append(f"collector RSS grew {trend['growth_pct']:.0f} %")
 
@@ -113,11 +116,14 @@ def run_soak(cfg: SoakConfig, workdir: Path) -> dict:
         "msgs_per_s_handled": messages / handled_s,
         "msgs_per_s_sent": messages / max(1e-9, last - first),
         "handled_span_s": handled_s,
-        "collector_cpu_s": sampler.last_cpu_s,
-        "msgs_per_collector_cpu_s": messages / max(1e-9, sampler.last_cpu_s),
+        "collector_cpu_s": samples[-1][2] if samples else None,
+        # while the ranks sent: the collector's share of one core, and its cost per message
+        "collector_core_share": cpu_loaded / span_loaded,
+        "msgs_per_collector_cpu_s": messages / cpu_loaded if cpu_loaded else None,
+        "loadavg_1m_at_end": os.getloadavg()[0],
         "epochs_closed": sum(1 for r in recs if r["type"] == "epoch"),
         "client_call_s": {k: harness.percentiles(ts) for k, ts in calls.items()},
-        "collector_rss_mb": [round(kb / 1024, 1) for _, kb in samples],
+        "collector_rss_mb": [round(kb / 1024, 1) for _, kb, _ in samples],
         "rss": trend,
         "losses": {str(r): row for r, row in losses.items()},
         "client_drops_by_reason": {str(r): (res or {}).get("stats", {}).get("dropped_by_reason")
@@ -136,9 +142,11 @@ def print_report(res: dict) -> None:
           f"{cfg['val_every']} epochs")
     print(f"collector handled {res['messages']} messages ({res['recording_bytes'] / 1e6:.1f} MB)"
           f" in {res['handled_span_s']:.1f} s: {res['msgs_per_s_handled']:.0f} msgs/s "
-          f"(sent at {res['msgs_per_s_sent']:.0f} msgs/s); {res['collector_cpu_s']:.1f} CPU s, "
-          f"{res['msgs_per_collector_cpu_s']:.0f} msgs per CPU s; "
-          f"{res['epochs_closed']} epochs closed")
+          f"(ranks sent {res['msgs_per_s_sent']:.0f} msgs/s); {res['epochs_closed']} epochs closed")
+    per_cpu = res["msgs_per_collector_cpu_s"]
+    print(f"collector CPU while loaded: {100 * res['collector_core_share']:.0f} % of one core, "
+          f"{per_cpu or 0:.0f} msgs per CPU second; load average {res['loadavg_1m_at_end']:.1f} "
+          f"on {os.cpu_count()} cores")
     print(f"\n{'client call':<18} {'n':>8} {'p50 us':>9} {'p99 us':>9} {'max us':>10}")
     for kind, p in res["client_call_s"].items():
         if p["n"]:

@@ -54,6 +54,12 @@ class Pipeline:
         if not self.muted:
             self.sink.write(record)
 
+    def warm_up(self) -> None:
+        """Compile (or load from numba's cache) the kernels before the first epoch needs them."""
+        from .kernels import warm_up
+
+        warm_up()
+
     def feed(self, frames: list) -> bool:
         """One message off the wire (or out of a recording). True if accepted."""
         try:

@@ -17,10 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10
-    import tomli as tomllib  # type: ignore[no-redef]
+import tomllib
 
 __all__ = ["DEFAULT_PATH", "Condition", "Diagnosis", "Profile", "ProfileError", "Rule",
            "load_profile"]

@@ -87,6 +87,9 @@ class Collector:
         for b in self.binds:
             sock.bind(b)
         _log.info("collecting on %s", ", ".join(self.binds))
+        # Bound first: while the kernels compile (seconds on a cold cache), messages wait
+        # in the socket's queue instead of being refused.
+        self.pipeline.warm_up()
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, self.stop)
         try:
