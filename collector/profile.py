@@ -13,11 +13,10 @@ Errors are ``ProfileError``s naming the file and the key, e.g.
 from __future__ import annotations
 
 import math
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import tomllib
 
 __all__ = ["DEFAULT_PATH", "Condition", "Diagnosis", "Profile", "ProfileError", "Rule",
            "load_profile"]
