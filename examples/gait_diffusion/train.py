@@ -213,49 +213,51 @@ def train(config: TrainConfig) -> RunResult:
     step_epoch: list[int] = []
     term_names: list[str] = []
     validation: dict[int, np.ndarray] = {}
-    for epoch in range(1, config.epochs + 1):
-        for group in opt.param_groups:
-            group["lr"] = learning_rate(config, epoch)
-        # The stalled epochs replay one epoch's batches and noise (see the module docstring).
-        data_epoch = min(epoch, INJECT_FROM_EPOCH) if config.inject == "stall" else epoch
-        sampler.set_epoch(data_epoch)
-        gen = torch.Generator().manual_seed(config.seed * 1_000_003 + data_epoch * 1009 + rank)
-        model.train()
-        epoch_sum = torch.zeros(())
-        n_steps = 0
-        for (x0,) in loader:
-            t = stratified_timesteps(x0.shape[0], diffusion.steps, gen)
-            eps = torch.randn(x0.shape, generator=gen)
-            x_t = diffusion.add_noise(x0, t, eps)
-            eps_hat, x0_hat = diffusion.predict(model, x_t, t)
-            loss, terms = loss_fn(eps_hat, eps, x0_hat, x0, diffusion.alpha_bar[t])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), clip)
-            opt.step()
-            ema.update(net)
-            tw.log_step(loss.detach(), {k: v.detach() for k, v in terms.items()}, model=net,
-                        grad_norm=grad_norm)
-            term_names = list(terms)
-            steps.append(torch.stack([loss.detach(), grad_norm.detach(),
-                                      *(v.detach() for v in terms.values())]))
-            step_epoch.append(epoch)
-            epoch_sum += loss.detach()
-            n_steps += 1
+    try:
+        for epoch in range(1, config.epochs + 1):
+            for group in opt.param_groups:
+                group["lr"] = learning_rate(config, epoch)
+            # The stalled epochs replay one epoch's batches and noise (see the module docstring).
+            data_epoch = min(epoch, INJECT_FROM_EPOCH) if config.inject == "stall" else epoch
+            sampler.set_epoch(data_epoch)
+            gen = torch.Generator().manual_seed(config.seed * 1_000_003 + data_epoch * 1009 + rank)
+            model.train()
+            epoch_sum = torch.zeros(())
+            n_steps = 0
+            for (x0,) in loader:
+                t = stratified_timesteps(x0.shape[0], diffusion.steps, gen)
+                eps = torch.randn(x0.shape, generator=gen)
+                x_t = diffusion.add_noise(x0, t, eps)
+                eps_hat, x0_hat = diffusion.predict(model, x_t, t)
+                loss, terms = loss_fn(eps_hat, eps, x0_hat, x0, diffusion.alpha_bar[t])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), clip)
+                opt.step()
+                ema.update(net)
+                tw.log_step(loss.detach(), {k: v.detach() for k, v in terms.items()}, model=net,
+                            grad_norm=grad_norm)
+                term_names = list(terms)
+                steps.append(torch.stack([loss.detach(), grad_norm.detach(),
+                                          *(v.detach() for v in terms.values())]))
+                step_epoch.append(epoch)
+                epoch_sum += loss.detach()
+                n_steps += 1
 
-        if rank == 0 and (epoch % config.validate_every == 0 or epoch == config.epochs):
-            gen_val = torch.Generator().manual_seed(config.seed * 7919 + epoch)
-            samples = diffusion.sample(ema.module, config.val_samples, config.window_len,
-                                       channels, generator=gen_val)
-            tw.log_validation(epoch, samples, list(data.channel_names))
-            validation[epoch] = samples.numpy().copy()
-            _print_validation(epoch, samples, data)
-        tw.log_epoch(epoch, model=net, ema_model=ema.module)
-        if rank == 0:
-            # One host read per epoch, for the progress line only (never per step).
-            print(f"epoch {epoch:3d}  loss {float(epoch_sum) / max(n_steps, 1):.4f}", flush=True)
-
-    tw.close(timeout=5.0)
+            if rank == 0 and (epoch % config.validate_every == 0 or epoch == config.epochs):
+                gen_val = torch.Generator().manual_seed(config.seed * 7919 + epoch)
+                samples = diffusion.sample(ema.module, config.val_samples, config.window_len,
+                                           channels, generator=gen_val)
+                tw.log_validation(epoch, samples, list(data.channel_names))
+                validation[epoch] = samples.numpy().copy()
+                _print_validation(epoch, samples, data)
+            tw.log_epoch(epoch, model=net, ema_model=ema.module)
+            if rank == 0:
+                # One host read per epoch, for the progress line only (never per step).
+                print(f"epoch {epoch:3d}  loss {float(epoch_sum) / max(n_steps, 1):.4f}", flush=True)
+    finally:
+        # Also on an exception: the collector then sees this rank say goodbye.
+        tw.close(timeout=5.0)
     table = torch.stack(steps).double().numpy() if steps else np.zeros((0, 2 + len(term_names)))
     epochs_arr = np.asarray(step_epoch, dtype=np.int64)
     epoch_loss = np.array([table[epochs_arr == e, 0].mean() for e in range(1, config.epochs + 1)])
@@ -268,8 +270,6 @@ def train(config: TrainConfig) -> RunResult:
         mean=data.mean.double().numpy(), std=data.std.double().numpy(),
         seconds=time.perf_counter() - started, client_stats=tw.stats,
     )
-    if dist.is_initialized():
-        dist.destroy_process_group()
     return result
 
 
@@ -284,7 +284,11 @@ def _print_validation(epoch: int, samples: torch.Tensor, data: GaitDataset) -> N
 
 def main(argv: list[str] | None = None) -> int:
     config = parse_args(argv)
-    result = train(config)
+    try:
+        result = train(config)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
     if result.rank == 0:
         first, last = result.epoch_loss[0], result.epoch_loss[-1]
         print(f"done: {result.config.epochs} epochs x {result.world_size} rank(s), "

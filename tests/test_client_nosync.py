@@ -1,0 +1,82 @@
+"""The training thread never reads a tensor's value: every log_* call is checked with a
+dispatch mode that sees each aten op the calling thread runs (modes are thread-local, so
+the sender thread's reads, which are allowed, are not seen).
+
+A value read (.item(), .tolist(), bool(t), a synchronous copy to host) goes through
+``aten._local_scalar_dense`` or a device-to-host copy; neither may appear. On a CUDA
+machine the same calls also pass ``torch.cuda.set_sync_debug_mode("error")``.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from trainer_client import TrainerClient
+
+READS = {"aten._local_scalar_dense.default", "aten.item.default", "aten.equal.default"}
+
+
+class OpLog(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+        self.thread = threading.get_ident()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def _model():
+    m = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+    return m, torch.optim.swa_utils.AveragedModel(m)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_log_calls_read_no_tensor_values_on_the_training_thread(tmp_path, dtype):
+    model, ema = _model()
+    tw = TrainerClient(endpoint=f"ipc://{tmp_path}/none.sock", run="nosync", rank=0,
+                       world_size=1)
+    x = torch.randn(32, 6)
+    out = model(x)
+    loss = out.pow(2).mean()
+    loss.backward()
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    terms = {"simple": out[:, 0].pow(2).mean(), "vel": out[:, 1].abs().mean(), "fk": 0.25}
+    samples = torch.randn(4, 10, 3).to(dtype)
+    with OpLog() as log:
+        tw.log_step(loss, terms, model=model, grad_norm=norm)
+        tw.log_step(loss, terms, model=model)  # norm computed on the device
+        tw.log_validation(1, samples, ["a", "b", "c"])
+        tw.log_epoch(1, model=model, ema_model=ema)
+    tw.close(timeout=1.0)
+    assert log.ops, "the dispatch mode saw nothing: the check would be vacuous"
+    assert "aten._foreach_norm.Scalar" in log.ops  # it did see the device reductions
+    assert not READS & set(log.ops), sorted(READS & set(log.ops))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_no_host_sync_on_cuda(tmp_path):
+    model, ema = _model()
+    model, ema = model.cuda(), ema.cuda()
+    tw = TrainerClient(endpoint=f"ipc://{tmp_path}/none.sock", run="cuda", rank=0,
+                       world_size=1)
+    x = torch.randn(32, 6, device="cuda")
+    out = model(x)
+    loss = out.pow(2).mean()
+    loss.backward()
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        tw.log_step(loss, {"simple": loss * 0.5}, model=model, grad_norm=norm)
+        tw.log_step(loss, {"simple": loss * 0.5}, model=model)
+        tw.log_validation(1, out.detach().unsqueeze(1).to(torch.bfloat16))
+        tw.log_epoch(1, model=model, ema_model=ema)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    tw.close(timeout=2.0)
