@@ -2,9 +2,10 @@
 dispatch mode that sees each aten op the calling thread runs (modes are thread-local, so
 the sender thread's reads, which are allowed, are not seen).
 
-A value read (.item(), .tolist(), bool(t), a synchronous copy to host) goes through
-``aten._local_scalar_dense`` or a device-to-host copy; neither may appear. On a CUDA
-machine the same calls also pass ``torch.cuda.set_sync_debug_mode("error")``.
+A value read (``.item()``, ``bool(t)``, ``float(t)``) goes through
+``aten._local_scalar_dense``, which must not appear. (``.tolist()`` of a CPU tensor does
+not dispatch, so this check cannot see it; on a CUDA machine the second test, under
+``torch.cuda.set_sync_debug_mode("error")``, catches every kind of host sync.)
 """
 
 from __future__ import annotations
