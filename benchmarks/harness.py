@@ -116,9 +116,11 @@ class CollectorProc:
         return self.out.read_text(errors="replace") if self.out.exists() else ""
 
     def records(self) -> list[dict]:
+        """The JSONL records so far (a line still being written is left out)."""
         if not self.jsonl.exists():
             return []
-        return [json.loads(line) for line in self.jsonl.read_text().splitlines() if line]
+        whole = self.jsonl.read_text().rpartition("\n")[0]
+        return [json.loads(line) for line in whole.splitlines() if line]
 
 
 def rss_kb(pid: int) -> int | None:

@@ -5,11 +5,15 @@
         push.send_multipart(item.frames)
     expected_rejects(script)    # {"bad_msgpack": 31, "size_mismatch": 40, ...}
     charged_to_run(script)      # what the run's summary/rejected must say
+    expected_gaps(script)       # sequence numbers the junk used up
 
 The script is one run (world size 1): a valid start (hello, config, steps, epoch 1), then
 ``per_kind`` messages of each kind of junk, then steps with NaN/Inf losses (data, not
 junk: accepted, and the rules report them), epoch 2 and a goodbye. A reject is charged to
-the run when the run's name was readable before the message failed.
+the run when the run's name was readable before the message failed. Every junk message
+with a header takes a fresh sequence number, so each one is judged on its own (one that
+slipped through cannot turn the rest into duplicates); the valid messages' numbers skip
+them, and those gaps are the junk's, not losses.
 """
 
 from __future__ import annotations
@@ -22,7 +26,8 @@ import msgpack
 
 from trainer_client import wire
 
-__all__ = ["Item", "charged_to_run", "expected_rejects", "junk_script"]
+__all__ = ["ACCEPT", "Item", "charged_to_run", "expected_gaps", "expected_rejects",
+           "junk_script"]
 
 ACCEPT = "accept"
 INSTANCE = 424242
@@ -36,6 +41,7 @@ class Item(NamedTuple):
     frames: list[bytes]
     expect: str  # ACCEPT or the reject reason the collector must count
     charged: bool  # the reject is charged to the run (summary/rejected)
+    seq: int | None = None  # a valid message's sequence number
 
 
 def expected_rejects(script: list[Item]) -> dict[str, int]:
@@ -46,19 +52,26 @@ def charged_to_run(script: list[Item]) -> int:
     return sum(1 for i in script if i.expect != ACCEPT and i.charged)
 
 
+def expected_gaps(script: list[Item]) -> int:
+    """Sequence numbers below the last valid message's that no valid message used."""
+    seqs = [i.seq for i in script if i.seq is not None]
+    return max(seqs) + 1 - len(seqs) if seqs else 0
+
+
 class _Builder:
-    """Headers for one run with a running sequence number (bumped by accepted messages)."""
+    """Messages of one run; every message, valid or not, takes the next sequence number."""
 
     def __init__(self, run: str, rng: random.Random) -> None:
         self.run = run
         self.rng = rng
-        self.seq = 0
+        self.seq = -1  # the last number handed out
         self.step = 0
         self.epoch = 1
         self.items: list[Item] = []
 
     def header(self, kind: int, body: Any, specs: list | None = None, **kw: Any) -> list:
-        """The 13 header fields (index = wire position) for the next seq; ``f<i>=`` overrides."""
+        """The 13 header fields (index = wire position) with a fresh seq; ``f<i>=`` overrides."""
+        self.seq += 1
         fields = [wire.VERSION, kind, self.run, 0, 1, INSTANCE, self.seq, self.step,
                   self.epoch, 1.7e9 + self.seq, 0, body, specs or []]
         for i, v in kw.items():
@@ -75,11 +88,11 @@ class _Builder:
               epoch: int | None = None) -> list[bytes]:
         if kind == wire.KIND_STEP:
             self.step += 1
+        self.seq += 1
         h = wire.Header(kind, self.run, 0, 1, INSTANCE, self.seq, self.step,
                         self.epoch if epoch is None else epoch, 1.7e9 + self.seq, 0, body)
-        self.seq += 1
         frames = [bytes(f) for f in wire.encode(h, list(tensors))]
-        self.items.append(Item("valid", frames, ACCEPT, False))
+        self.items.append(Item("valid", frames, ACCEPT, False, self.seq))
         return frames
 
     def bad(self, kind: str, frames: list[bytes], expect: str, charged: bool) -> None:

@@ -174,7 +174,11 @@ def main() -> None:
             break
     died = epoch == a.die_after_epoch
     if died:
-        time.sleep(0.5)  # let the sender hand over what it holds: only the goodbye is missing
+        # Let the sender hand over what it holds, so that only the goodbye is missing.
+        until = time.monotonic() + 10.0
+        while tw.stats["queued"] and time.monotonic() < until:
+            time.sleep(0.05)
+        time.sleep(1.0)  # and ZeroMQ's I/O thread, the last hop
     else:
         t0 = time.perf_counter()
         tw.close(timeout=a.close_timeout)

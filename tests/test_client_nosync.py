@@ -34,7 +34,8 @@ class OpLog(TorchDispatchMode):
 
 def _model():
     m = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
-    return m, torch.optim.swa_utils.AveragedModel(m)
+    ema = torch.optim.swa_utils.AveragedModel(m).requires_grad_(False)  # frozen, as usual
+    return m, ema
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -81,3 +82,18 @@ def test_no_host_sync_on_cuda(tmp_path):
     finally:
         torch.cuda.set_sync_debug_mode(0)
     tw.close(timeout=2.0)
+
+
+def test_frozen_ema_copy_is_compared(tmp_path):
+    """An EMA copy with requires_grad off still yields model/ema_diff inputs."""
+    from trainer_client import reductions
+
+    model, ema = _model()
+    with torch.no_grad():
+        for p in ema.module.parameters():
+            p.add_(0.5)
+    params = reductions.named_params(model)
+    frozen = reductions.named_params(reductions.unwrap(ema), trainable_only=False)
+    count, diff = reductions.ema_summary(params, frozen).tolist()
+    n = sum(p.numel() for p in model.parameters())
+    assert count == n and diff == pytest.approx(0.5 * n, rel=1e-6)

@@ -237,7 +237,8 @@ class TrainerClient:
             names = [n for n, p in params if p.grad is not None] or None
             vec = reductions.weight_summary(params)
             if ema_model is not None:
-                ema = reductions.named_params(reductions.unwrap(ema_model))
+                ema = reductions.named_params(reductions.unwrap(ema_model),
+                                              trainable_only=False)
                 vec = torch.cat([vec, reductions.ema_summary(params, ema)])
             host, event = reductions.to_host(vec)
 

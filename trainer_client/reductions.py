@@ -11,11 +11,16 @@ import torch
 from torch import nn
 
 
-def named_params(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
-    """Trainable parameters, with DDP's ``module.`` prefix taken off the names."""
+def named_params(model: nn.Module, trainable_only: bool = True
+                 ) -> list[tuple[str, torch.Tensor]]:
+    """Parameters (trainable ones by default), with DDP's ``module.`` prefix taken off.
+
+    An EMA copy is usually frozen (``requires_grad_(False)``): read it with
+    ``trainable_only=False``.
+    """
     out = []
     for name, p in model.named_parameters():
-        if p.requires_grad:
+        if p.requires_grad or not trainable_only:
             out.append((name[7:] if name.startswith("module.") else name, p))
     return out
 

@@ -56,7 +56,7 @@ INJECTS = ("none", "exploding", "collapse", "stall")
 # injected failure shows within seconds. Any option given on the command line wins.
 MODE_DEFAULTS: dict[str, dict[str, int]] = {
     "none": dict(epochs=30, pseudo_dataset_len=1024, validate_every=10),
-    "exploding": dict(epochs=6, pseudo_dataset_len=512, validate_every=3),
+    "exploding": dict(epochs=6, pseudo_dataset_len=512, validate_every=6),
     "collapse": dict(epochs=10, pseudo_dataset_len=256, validate_every=5),
     "stall": dict(epochs=14, pseudo_dataset_len=256, validate_every=7),
 }
@@ -158,17 +158,6 @@ def learning_rate(config: TrainConfig, epoch: int) -> float:
     return config.learning_rate
 
 
-def stratified_timesteps(n: int, steps: int, gen: torch.Generator) -> torch.Tensor:
-    """``n`` timesteps spread evenly over ``[0, steps)``, in random order.
-
-    A low-discrepancy sampler (Kingma et al., Variational Diffusion Models, 2021): each batch
-    covers every noise level, so the batch loss varies with the data rather than with which
-    timesteps the batch happened to draw, and the epoch loss is steadier.
-    """
-    u = (torch.arange(n) + torch.rand(n, generator=gen)) / n
-    return (u[torch.randperm(n, generator=gen)] * steps).long().clamp(max=steps - 1)
-
-
 def _setup_distributed() -> tuple[int, int]:
     """Join the torchrun group (gloo, CPU) when launched by torchrun; else one process."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
@@ -178,99 +167,133 @@ def _setup_distributed() -> tuple[int, int]:
     return 0, 1
 
 
-def train(config: TrainConfig) -> RunResult:
-    """Runs the whole training job; returns this rank's numbers (read back after the loop)."""
-    started = time.perf_counter()
-    rank, world = _setup_distributed()
+@dataclass
+class _Job:
+    """Everything one rank trains with."""
+
+    config: TrainConfig
+    rank: int
+    data: GaitDataset
+    net: Denoiser  # the bare model: what the client and the EMA see
+    model: torch.nn.Module  # the same model, DDP-wrapped when there are several ranks
+    ema: Ema
+    diffusion: Diffusion
+    loss_fn: GaitLoss
+    opt: torch.optim.Optimizer
+    clip: float
+    sampler: DistributedSampler
+    loader: DataLoader
+
+
+def _build(config: TrainConfig, rank: int, world: int) -> _Job:
     torch.manual_seed(config.seed)
     data = make_dataset(DataConfig(pseudo_dataset_len=config.pseudo_dataset_len,
                                    window_len=config.window_len,
                                    num_train_trials=config.num_train_trials, seed=config.seed))
-    channels = len(data.channel_names)
     collapse = config.inject == "collapse"
-    net = Denoiser(DenoiserConfig(channels=channels, prediction="x0" if collapse else "eps",
+    net = Denoiser(DenoiserConfig(channels=len(data.channel_names),
+                                  prediction="x0" if collapse else "eps",
                                   sees_input=not collapse))
-    model = DistributedDataParallel(net) if world > 1 else net
-    ema = Ema(net, config.ema_decay)
-    diffusion = Diffusion(config.diffusion_steps)
-    loss_fn = GaitLoss(data.channel_names, data.mean, data.std, data.sample_rate_hz)
-    opt = torch.optim.AdamW(net.parameters(), lr=config.learning_rate,
-                            weight_decay=config.weight_decay)
-    clip = config.grad_clip if config.grad_clip > 0 and config.inject != "exploding" else math.inf
-
     dataset = TensorDataset(data.windows)
     sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True,
                                  seed=config.seed, drop_last=True)
-    loader = DataLoader(dataset, batch_size=config.batch_size, sampler=sampler, drop_last=True)
+    clip_on = config.grad_clip > 0 and config.inject != "exploding"
+    return _Job(
+        config=config, rank=rank, data=data, net=net,
+        model=DistributedDataParallel(net) if world > 1 else net,
+        ema=Ema(net, config.ema_decay), diffusion=Diffusion(config.diffusion_steps),
+        loss_fn=GaitLoss(data.channel_names, data.mean, data.std, data.sample_rate_hz),
+        opt=torch.optim.AdamW(net.parameters(), lr=config.learning_rate,
+                              weight_decay=config.weight_decay),
+        clip=config.grad_clip if clip_on else math.inf, sampler=sampler,
+        loader=DataLoader(dataset, batch_size=config.batch_size, sampler=sampler,
+                          drop_last=True),
+    )
 
+
+def _train_epoch(job: _Job, epoch: int, tw: TrainerClient) -> list[torch.Tensor]:
+    """One epoch of steps; returns per step ``[loss, grad_norm, *terms]``, still on the device."""
+    cfg = job.config
+    for group in job.opt.param_groups:
+        group["lr"] = learning_rate(cfg, epoch)
+    # The stalled epochs replay one epoch's batches and noise (see the module docstring).
+    data_epoch = min(epoch, INJECT_FROM_EPOCH) if cfg.inject == "stall" else epoch
+    job.sampler.set_epoch(data_epoch)
+    gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + data_epoch * 1009 + job.rank)
+    job.model.train()
+    rows = []
+    for (x0,) in job.loader:
+        t = torch.randint(0, job.diffusion.steps, (x0.shape[0],), generator=gen)
+        eps = torch.randn(x0.shape, generator=gen)
+        x_t = job.diffusion.add_noise(x0, t, eps)
+        eps_hat, x0_hat = job.diffusion.predict(job.model, x_t, t)
+        loss, terms = job.loss_fn(eps_hat, eps, x0_hat, x0, job.diffusion.alpha_bar[t])
+        job.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(job.net.parameters(), job.clip)
+        job.opt.step()
+        job.ema.update(job.net)
+        terms = {k: v.detach() for k, v in terms.items()}
+        tw.log_step(loss.detach(), terms, model=job.net, grad_norm=grad_norm)
+        rows.append(torch.stack([loss.detach(), grad_norm.detach(), *terms.values()]))
+    return rows
+
+
+def _validate(job: _Job, epoch: int, tw: TrainerClient) -> np.ndarray:
+    """Generates a batch with the EMA model and ships it (before the epoch closes)."""
+    gen = torch.Generator().manual_seed(job.config.seed * 7919 + epoch)
+    samples = job.diffusion.sample(job.ema.module, job.config.val_samples,
+                                   job.config.window_len, len(job.data.channel_names),
+                                   generator=gen)
+    tw.log_validation(epoch, samples, list(job.data.channel_names))
+    _print_validation(epoch, samples, job.data)
+    return samples.numpy().copy()
+
+
+def train(config: TrainConfig) -> RunResult:
+    """Runs the whole training job; returns this rank's numbers (read back after the loop)."""
+    started = time.perf_counter()
+    rank, world = _setup_distributed()
+    job = _build(config, rank, world)
+    data = job.data
     tw = TrainerClient(endpoint=config.endpoint, run=config.run, rank=rank, world_size=world,
                        curve_keys=config.curve_keys)
-    if rank == 0:  # identical on every rank: one copy is enough
-        tw.log_config(config.hyperparameters(), model=net)
-        tw.log_data_stats(data.windows, list(data.channel_names), mean=data.mean, std=data.std)
-
-    steps: list[torch.Tensor] = []  # per step: [loss, grad_norm, *terms], kept on the device
+    rows: list[torch.Tensor] = []
     step_epoch: list[int] = []
-    term_names: list[str] = []
     validation: dict[int, np.ndarray] = {}
     try:
+        if rank == 0:  # identical on every rank: one copy is enough
+            tw.log_config(config.hyperparameters(), model=job.net)
+            tw.log_data_stats(data.windows, list(data.channel_names), mean=data.mean,
+                              std=data.std)
         for epoch in range(1, config.epochs + 1):
-            for group in opt.param_groups:
-                group["lr"] = learning_rate(config, epoch)
-            # The stalled epochs replay one epoch's batches and noise (see the module docstring).
-            data_epoch = min(epoch, INJECT_FROM_EPOCH) if config.inject == "stall" else epoch
-            sampler.set_epoch(data_epoch)
-            gen = torch.Generator().manual_seed(config.seed * 1_000_003 + data_epoch * 1009 + rank)
-            model.train()
-            epoch_sum = torch.zeros(())
-            n_steps = 0
-            for (x0,) in loader:
-                t = stratified_timesteps(x0.shape[0], diffusion.steps, gen)
-                eps = torch.randn(x0.shape, generator=gen)
-                x_t = diffusion.add_noise(x0, t, eps)
-                eps_hat, x0_hat = diffusion.predict(model, x_t, t)
-                loss, terms = loss_fn(eps_hat, eps, x0_hat, x0, diffusion.alpha_bar[t])
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), clip)
-                opt.step()
-                ema.update(net)
-                tw.log_step(loss.detach(), {k: v.detach() for k, v in terms.items()}, model=net,
-                            grad_norm=grad_norm)
-                term_names = list(terms)
-                steps.append(torch.stack([loss.detach(), grad_norm.detach(),
-                                          *(v.detach() for v in terms.values())]))
-                step_epoch.append(epoch)
-                epoch_sum += loss.detach()
-                n_steps += 1
-
+            epoch_rows = _train_epoch(job, epoch, tw)
+            rows += epoch_rows
+            step_epoch += [epoch] * len(epoch_rows)
             if rank == 0 and (epoch % config.validate_every == 0 or epoch == config.epochs):
-                gen_val = torch.Generator().manual_seed(config.seed * 7919 + epoch)
-                samples = diffusion.sample(ema.module, config.val_samples, config.window_len,
-                                           channels, generator=gen_val)
-                tw.log_validation(epoch, samples, list(data.channel_names))
-                validation[epoch] = samples.numpy().copy()
-                _print_validation(epoch, samples, data)
-            tw.log_epoch(epoch, model=net, ema_model=ema.module)
-            if rank == 0:
+                validation[epoch] = _validate(job, epoch, tw)
+            tw.log_epoch(epoch, model=job.net, ema_model=job.ema.module)
+            if rank == 0 and epoch_rows:
                 # One host read per epoch, for the progress line only (never per step).
-                print(f"epoch {epoch:3d}  loss {float(epoch_sum) / max(n_steps, 1):.4f}", flush=True)
+                mean_loss = float(torch.stack(epoch_rows)[:, 0].mean())
+                print(f"epoch {epoch:3d}  loss {mean_loss:.4f}", flush=True)
     finally:
         # Also on an exception: the collector then sees this rank say goodbye.
         tw.close(timeout=5.0)
-    table = torch.stack(steps).double().numpy() if steps else np.zeros((0, 2 + len(term_names)))
+
+    names = list(job.loss_fn.term_names)
+    table = torch.stack(rows).double().numpy() if rows else np.zeros((0, 2 + len(names)))
     epochs_arr = np.asarray(step_epoch, dtype=np.int64)
-    epoch_loss = np.array([table[epochs_arr == e, 0].mean() for e in range(1, config.epochs + 1)])
-    result = RunResult(
-        config=config, rank=rank, world_size=world, num_params=count_params(net),
-        epoch_loss=epoch_loss, step_loss=table[:, 0], step_epoch=epochs_arr,
-        grad_norm=table[:, 1],
-        components={name: table[:, 2 + i] for i, name in enumerate(term_names)},
+    return RunResult(
+        config=config, rank=rank, world_size=world, num_params=count_params(job.net),
+        epoch_loss=np.array([table[epochs_arr == e, 0].mean()
+                             for e in range(1, config.epochs + 1)]),
+        step_loss=table[:, 0], step_epoch=epochs_arr, grad_norm=table[:, 1],
+        components={name: table[:, 2 + i] for i, name in enumerate(names)},
         validation=validation, channel_names=data.channel_names,
         mean=data.mean.double().numpy(), std=data.std.double().numpy(),
         seconds=time.perf_counter() - started, client_stats=tw.stats,
     )
-    return result
 
 
 def _print_validation(epoch: int, samples: torch.Tensor, data: GaitDataset) -> None:
