@@ -226,7 +226,8 @@ def inspect(recording: Path) -> dict:
     r = subprocess.run([sys.executable, "-m", "collector", "inspect", str(recording), "--json"],
                        env=child_env(), capture_output=True, text=True, timeout=120)
     if r.returncode != 0:
-        raise RuntimeError(f"inspect failed: {r.stderr[-2000:]}")
+        last = (r.stderr.strip().splitlines() or ["?"])[-1]
+        raise RuntimeError(f"trainwatch inspect failed: {last}")
     return json.loads(r.stdout)
 
 

@@ -7,7 +7,8 @@ A small MLP denoises windows of gait-like signals (5 loss terms, an EMA copy, gr
 clipping), so the training thread costs little and the load falls on the collector. Every
 ``--val-every`` epochs it ships generated samples of ``--val-shape`` (float32). It stops
 after ``--steps`` steps or ``--duration-s`` seconds, whichever comes first, then writes
-its client's counters and the time of every ``log_*`` call (seconds) to ``--out``.
+its client's counters and the time of every ``log_*`` call (seconds; wall, and this
+thread's CPU time) to ``--out``.
 
 Faults on request: ``--die-after-epoch K`` exits without ``close()`` right after epoch K;
 ``--loader-workers N`` feeds batches through a DataLoader with N forked workers whose
@@ -111,10 +112,13 @@ def main() -> None:
                                      "epoch": []}
     made = {"hello": 1, "config": 0, "data": 0, "step": 0, "validation": 0, "epoch": 0}
 
+    cpu: list[float] = []  # this thread's CPU time in each call: wall minus CPU = waiting
+
     def timed(kind: str, fn: Any, *args: Any, **kw: Any) -> None:
-        t0 = time.perf_counter()
+        c0, t0 = time.thread_time(), time.perf_counter()
         fn(*args, **kw)
         calls[kind].append(time.perf_counter() - t0)
+        cpu.append(time.thread_time() - c0)
 
     timed("config", tw.log_config, {"learning_rate": 1e-3, "weight_decay": 1e-4,
                                     "batch_size": a.batch, "epochs": a.steps // a.steps_per_epoch,
@@ -186,7 +190,7 @@ def main() -> None:
     with open(a.out, "w") as fh:
         json.dump({"rank": a.rank, "pid": os.getpid(), "stats": tw.stats, "made": made,
                    "epochs": epoch, "died": died, "child_refused": child_refused,
-                   "child_queued": child_queued, "calls": calls}, fh)
+                   "child_queued": child_queued, "calls": calls, "calls_cpu": cpu}, fh)
     if died:
         os._exit(0)
 

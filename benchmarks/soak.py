@@ -93,6 +93,10 @@ def run_soak(cfg: SoakConfig, workdir: Path) -> dict:
         for kind, ts in (res or {}).get("calls", {}).items():
             calls.setdefault(kind, []).extend(ts)
     calls["all log_* calls"] = [t for k, ts in calls.items() if k != "close" for t in ts]
+    # CPU time of the calling thread: what the call itself cost, without waiting (for the
+    # GIL, or for a core on a busy machine)
+    calls["all, thread CPU"] = [t for res in results.values() for t in (res or {}).get(
+        "calls_cpu", [])]
 
     # Judge memory over the loaded period only: before the first message the collector
     # has not yet loaded its kernels, and that step is not growth.

@@ -29,12 +29,72 @@ _NP_DTYPES = {"float16": np.float16, "bfloat16": np.uint16, "float32": np.float3
               "float64": np.float64}
 
 
+class StepColumns:
+    """One rank's open epoch, column by column.
+
+    Floats and ints are not tracked by Python's cycle collector, so a long epoch costs
+    no garbage-collection time; keeping a tuple or list per step would (quadratically).
+    """
+
+    __slots__ = ("step", "loss", "grad_norm", "comp_values", "comp_segments", "pnorms")
+
+    def __init__(self) -> None:
+        self.step: list[int] = []
+        self.loss: list[float] = []
+        self.grad_norm: list[float] = []
+        self.comp_values: list[float] = []  # flat, row by row
+        self.comp_segments: list = []  # [first_row, names] each time the names change
+        self.pnorms: dict[int, bytes] = {}  # row -> float32 bytes
+
+    def add(self, msg: wire.Message) -> None:
+        loss, gn, names, values = msg.body
+        row = len(self.loss)
+        self.step.append(msg.step)
+        self.loss.append(loss)
+        self.grad_norm.append(_NAN if gn is None else gn)
+        segs = self.comp_segments
+        if not segs or names != segs[-1][1]:
+            segs.append([row, names])
+        self.comp_values.extend(values)
+        pn = msg.tensors.get("param_norms") if msg.tensors else None
+        if pn is not None:
+            self.pnorms[row] = bytes(pn.data)
+
+    def series(self) -> StepSeries:
+        n = len(self.loss)
+        comps: dict[str, np.ndarray] = {}
+        flat = np.asarray(self.comp_values, dtype=np.float64)
+        bounds = [seg[0] for seg in self.comp_segments[1:]] + [n]
+        off = 0
+        for (start, names), stop in zip(self.comp_segments, bounds, strict=True):
+            k = len(names)
+            block = flat[off:off + (stop - start) * k].reshape(stop - start, k)
+            off += (stop - start) * k
+            for j, name in enumerate(names):
+                arr = comps.get(name)
+                if arr is None:
+                    arr = comps[name] = np.full(n, np.nan)
+                arr[start:stop] = block[:, j]
+        pn = None
+        widths = {len(b) for b in self.pnorms.values()}
+        if len(widths) == 1:
+            pn = np.full((n, widths.pop() // 4), np.nan, dtype=np.float32)
+            for row, b in self.pnorms.items():
+                pn[row] = np.frombuffer(b, np.float32)
+        return StepSeries(np.asarray(self.step, dtype=np.int64),
+                          np.asarray(self.loss, dtype=np.float64),
+                          np.asarray(self.grad_norm, dtype=np.float64), comps, pn)
+
+
+_NAN = float("nan")
+
+
 class RankState:
     __slots__ = ("counters", "open_steps", "last_epoch", "finished", "host")
 
     def __init__(self) -> None:
         self.counters = RankCounters()
-        self.open_steps: list[wire.Message] = []
+        self.open_steps = StepColumns()
         self.last_epoch = -1
         self.finished = False
         self.host = ""
@@ -84,7 +144,7 @@ class State:
             return None
         if msg.instance != rank.counters.instance:
             rank.last_epoch = -1
-            rank.open_steps = []
+            rank.open_steps = StepColumns()
             rank.finished = False
         if not rank.counters.admit(msg.instance, msg.seq):
             return "duplicate_seq"
@@ -112,7 +172,7 @@ class State:
         run.last_activity = time.monotonic()
         kind = msg.kind
         if kind == wire.KIND_STEP:
-            rank.open_steps.append(msg)
+            rank.open_steps.add(msg)
             loss, gn = msg.body[0], msg.body[1]
             if not math.isfinite(loss) or (gn is not None and not math.isfinite(gn)):
                 ev = run.health.step_event(msg.rank, msg.step, float(loss),
@@ -144,7 +204,7 @@ class State:
             self._maybe_finish(run)
 
     def _rank_epoch(self, run: RunState, rank: RankState, msg: wire.Message) -> None:
-        steps, rank.open_steps = rank.open_steps, []
+        steps, rank.open_steps = rank.open_steps, StepColumns()
         rank.last_epoch = msg.epoch
         if msg.body.get("param_names"):
             run.param_names = list(msg.body["param_names"])
@@ -175,7 +235,7 @@ class State:
         steps, weights, ema = {}, {}, {}
         for r in sorted(present):
             msgs, body = present[r]
-            steps[r] = _series(msgs)
+            steps[r] = msgs.series()
             if body.get("weights") is not None:
                 weights[r] = np.asarray(body["weights"], dtype=np.float64)
             if body.get("ema") is not None:
@@ -296,27 +356,3 @@ class State:
     def rank_table(self) -> dict[str, dict[int, dict]]:
         return {name: {r: rs.counters.as_dict() for r, rs in sorted(run.ranks.items())}
                 for name, run in self.runs.items()}
-
-
-def _series(msgs: list[wire.Message]) -> StepSeries:
-    n = len(msgs)
-    steps = np.fromiter((m.step for m in msgs), np.int64, n)
-    loss = np.fromiter((m.body[0] for m in msgs), np.float64, n)
-    gn = np.fromiter((np.nan if m.body[1] is None else m.body[1] for m in msgs), np.float64, n)
-    comps: dict[str, np.ndarray] = {}
-    for i, m in enumerate(msgs):
-        for name, v in zip(m.body[2], m.body[3], strict=True):
-            arr = comps.get(name)
-            if arr is None:
-                arr = comps[name] = np.full(n, np.nan)
-            arr[i] = v
-    rows = [m.tensors.get("param_norms") for m in msgs]
-    widths = {r.shape[0] for r in rows if r is not None}
-    pn = None
-    if len(widths) == 1:
-        width = widths.pop()
-        pn = np.full((n, width), np.nan, dtype=np.float32)
-        for i, r in enumerate(rows):
-            if r is not None:
-                pn[i] = np.frombuffer(r.data, np.float32)
-    return StepSeries(steps, loss, gn, comps, pn)

@@ -341,7 +341,8 @@ def _const(v: Any, n: int, what: str) -> bytes | None:
     """Normalisation constants as float64 bytes (host values: they are set once, up front)."""
     if v is None:
         return None
-    t = torch.as_tensor(v).detach().to("cpu", torch.float64).reshape(-1)
+    # float64 from the start: Python floats would otherwise pass through float32.
+    t = torch.as_tensor(v, dtype=torch.float64).detach().to("cpu").reshape(-1)
     if t.numel() != n:
         raise ValueError(f"log_data_stats: {what} has {t.numel()} values for {n} channels")
     return t.numpy().tobytes()

@@ -58,7 +58,7 @@ class Net(nn.Module):
 
 
 class Run:
-    """One run: model, optimiser, EMA, client, and a log of everything it shipped."""
+    """One run: model, plain SGD, an EMA copy, the client, and a log of what it shipped."""
 
     def __init__(self, name: str, args: argparse.Namespace, client: TrainerClient | None = None,
                  *, lr: float = 0.05, clip: float = 10.0, decay: float = 0.9,
@@ -215,7 +215,9 @@ class Run:
                 "samples": None, "samples_dtype": None}
 
 
-Scenario = Callable[[argparse.Namespace, TrainerClient | None], None]
+Args = argparse.Namespace  # endpoint, out, rank, world
+Client = TrainerClient | None  # a client made before the ranks rendezvous, or None
+Scenario = Callable[[Args, Client], None]
 SCENARIOS: dict[str, Scenario] = {}
 
 
@@ -239,7 +241,7 @@ def _epochs(r: Run, n: int, hooks: dict[int, Callable[[], Any]] | None = None,
 
 # -- the run in which nothing may fire ------------------------------------------------------
 @scenario
-def healthy(a, c):
+def healthy(a: Args, c: Client) -> None:
     r = Run("healthy", a, c, noise=0.3)
     # From epoch 6 a learning rate low enough that phase 3 (fine-tuning, from epoch 7)
     # moves the loss by under 1 % an epoch. Validation every other epoch, as a real run
@@ -250,7 +252,7 @@ def healthy(a, c):
 
 # -- 3. gradients ---------------------------------------------------------------------------
 @scenario
-def exploding_gradients(a, c):
+def exploding_gradients(a: Args, c: Client) -> None:
     r = Run("exploding_gradients", a, c, clip=1.0)
     # Epoch 2: inp.bias's gradient is 10^4 times too large; clip_grad_norm_ reports it and
     # clips, so the weights stay sane and epoch 3 is normal again.
@@ -258,13 +260,13 @@ def exploding_gradients(a, c):
 
 
 @scenario
-def vanishing_gradients(a, c):
+def vanishing_gradients(a: Args, c: Client) -> None:
     r = Run("vanishing_gradients", a, c)
     _epochs(r, 3, steps={2: {"loss_scale": 1e-5}})  # a loss scale far too small in epoch 2
 
 
 @scenario
-def grad_norm_unstable(a, c):
+def grad_norm_unstable(a: Args, c: Client) -> None:
     r = Run("grad_norm_unstable", a, c)
     spike = {"grad_scale": {n: 20.0 for n in r.params}}
     _epochs(r, 5, steps={4: {"step_hook": lambda s: spike if s == 0 else {}}})
@@ -272,7 +274,7 @@ def grad_norm_unstable(a, c):
 
 # -- 4. batch losses --------------------------------------------------------------------------
 @scenario
-def batch_loss_flat(a, c):
+def batch_loss_flat(a: Args, c: Client) -> None:
     r = Run("batch_loss_flat", a, c, target_scale=0.05)  # small targets, a quiet model
     with torch.no_grad():
         r.net.out.weight.mul_(0.01)
@@ -281,7 +283,7 @@ def batch_loss_flat(a, c):
 
 
 @scenario
-def batch_loss_cv_low(a, c):
+def batch_loss_cv_low(a: Args, c: Client) -> None:
     # Every batch's loss is dominated by the same offset: large, nearly equal losses.
     r = Run("batch_loss_cv_low", a, c, lr=1e-4, target_scale=0.02, target_offset=3.0)
     with torch.no_grad():
@@ -292,7 +294,7 @@ def batch_loss_cv_low(a, c):
 
 # -- 5. weights -----------------------------------------------------------------------------
 @scenario
-def exploding_weights(a, c):
+def exploding_weights(a: Args, c: Client) -> None:
     r = Run("exploding_weights", a, c)
     w = r.net.inp.weight
     keep = w.detach()[0, 0].item()
@@ -305,7 +307,7 @@ def exploding_weights(a, c):
 
 
 @scenario
-def dead_neurons(a, c):
+def dead_neurons(a: Args, c: Client) -> None:
     r = Run("dead_neurons", a, c)
     r.train()
     r.epoch(1)
@@ -316,14 +318,14 @@ def dead_neurons(a, c):
 
 
 @scenario
-def weights_jump(a, c):
+def weights_jump(a: Args, c: Client) -> None:
     r = Run("weights_jump", a, c)
     _epochs(r, 3, hooks={2: lambda: r.scale_weights(2.5)})
 
 
 # -- 6. EMA ---------------------------------------------------------------------------------
 @scenario
-def ema_diff_high(a, c):
+def ema_diff_high(a: Args, c: Client) -> None:
     r = Run("ema_diff_high", a, c)
     r.ema_drift = 0.25  # the EMA copy drifts away from the model every step
 
@@ -335,7 +337,7 @@ def ema_diff_high(a, c):
 
 
 @scenario
-def ema_diff_surge(a, c):
+def ema_diff_surge(a: Args, c: Client) -> None:
     r = Run("ema_diff_surge", a, c)
     torch.manual_seed(123)
     other = Net()  # epoch 4: the EMA is restored from the wrong checkpoint; epoch 5: fixed
@@ -344,19 +346,19 @@ def ema_diff_surge(a, c):
 
 # -- 7. loss improvement ----------------------------------------------------------------------
 @scenario
-def stalled(a, c):
+def stalled(a: Args, c: Client) -> None:
     _epochs(Run("stalled", a, c, lr=0.0), 11)
 
 
 @scenario
-def loss_increasing(a, c):
+def loss_increasing(a: Args, c: Client) -> None:
     r = Run("loss_increasing", a, c)
     _epochs(r, 3, hooks={2: lambda: r.perturb_weights(0.5)})
 
 
 # -- 8. loss terms ---------------------------------------------------------------------------
 @scenario
-def loss_term_dominant(a, c):
+def loss_term_dominant(a: Args, c: Client) -> None:
     r = Run("loss_term_dominant", a, c)
     r.term_weights["simple"] = 60.0  # simple takes over 90 % of the loss in epoch 1
 
@@ -367,34 +369,34 @@ def loss_term_dominant(a, c):
 
 
 # -- 9-11. validation samples -----------------------------------------------------------------
-def _validation_scenario(name: str, a, c, **bad: Any) -> None:
+def _validation_scenario(name: str, a: Args, c: Client, **bad: Any) -> None:
     r = Run(name, a, c)
     _epochs(r, 2, validate=lambda e: r.generate(**bad) if e == 1 else r.generate())
 
 
 @scenario
-def gen_std_low(a, c):
+def gen_std_low(a: Args, c: Client) -> None:
     _validation_scenario("gen_std_low", a, c, damp=(0.02, 0.02))
 
 
 @scenario
-def gen_range_low(a, c):
+def gen_range_low(a: Args, c: Client) -> None:
     _validation_scenario("gen_range_low", a, c, squash=0.2)
 
 
 @scenario
-def knee_collapsed(a, c):
+def knee_collapsed(a: Args, c: Client) -> None:
     _validation_scenario("knee_collapsed", a, c, damp=(0.05, 1.0))
 
 
 @scenario
-def grf_collapsed(a, c):
+def grf_collapsed(a: Args, c: Client) -> None:
     _validation_scenario("grf_collapsed", a, c, damp=(1.0, 0.002))
 
 
 # -- facts ----------------------------------------------------------------------------------
 @scenario
-def nonfinite(a, c):
+def nonfinite(a: Args, c: Client) -> None:
     r = Run("nonfinite", a, c)
 
     def corrupt(v: float) -> None:
@@ -405,7 +407,7 @@ def nonfinite(a, c):
 
 # -- phase expectations (phases end at epochs 3 and 6) ------------------------------------------
 @scenario
-def phase3_expectations(a, c):
+def phase3_expectations(a: Args, c: Client) -> None:
     r = Run("phase3_expectations", a, c)
     # One validation, in epoch 1, that never reached quality; the loss still falls fast.
     _epochs(r, 7, validate=lambda e: r.generate(damp=(0.15, 0.02)) if e == 1 else None)
@@ -413,13 +415,13 @@ def phase3_expectations(a, c):
 
 # -- diagnoses ------------------------------------------------------------------------------
 @scenario
-def gradient_explosion(a, c):
+def gradient_explosion(a: Args, c: Client) -> None:
     # A learning rate far too high and no clipping: the run really diverges.
     _epochs(Run("gradient_explosion", a, c, lr=3.0, clip=math.inf), 3)
 
 
 @scenario
-def mode_collapse(a, c):
+def mode_collapse(a: Args, c: Client) -> None:
     r = Run("mode_collapse", a, c, lr=0.0)
     x, y = r.batches()[0]
     for e in (1, 2):  # the same batch every step, nothing learns, the sampler collapsed
@@ -430,7 +432,7 @@ def mode_collapse(a, c):
 
 
 @scenario
-def loss_not_falling(a, c):
+def loss_not_falling(a: Args, c: Client) -> None:
     # A learning rate so low that the difference between the two halves of the data, read
     # in alternate epochs, hides any progress: the loss goes up every other epoch.
     r = Run("loss_not_falling", a, c, lr=1e-5, n_data=2 * STEPS * BATCH)
@@ -444,20 +446,20 @@ def loss_not_falling(a, c):
 
 
 @scenario
-def validation_bad_while_loss_falls(a, c):
+def validation_bad_while_loss_falls(a: Args, c: Client) -> None:
     r = Run("validation_bad_while_loss_falls", a, c)
     _epochs(r, 4, validate=lambda e: r.generate(damp=(0.15, 0.02)))
 
 
 # -- several ranks (real DDP over gloo, one process per rank) ------------------------------------
 @scenario
-def ddp(a, c):
+def ddp(a: Args, c: Client) -> None:
     r = Run("ddp", a, c)
     _epochs(r, 2, validate=lambda e: r.generate(dtype=torch.bfloat16) if a.rank < 2 else None)
 
 
 @scenario
-def rank_desync(a, c):
+def rank_desync(a: Args, c: Client) -> None:
     r = Run("rank_desync", a, c)
 
     def desync() -> None:
