@@ -57,7 +57,8 @@ def test_log_calls_read_no_tensor_values_on_the_training_thread(tmp_path, dtype)
         tw.log_epoch(1, model=model, ema_model=ema)
     tw.close(timeout=1.0)
     assert log.ops, "the dispatch mode saw nothing: the check would be vacuous"
-    assert any(op.startswith("aten._foreach_norm") for op in log.ops)  # it did see the device reductions
+    # it did see the device reductions
+    assert any(op.startswith("aten._foreach_norm") for op in log.ops)
     assert not READS & set(log.ops), sorted(READS & set(log.ops))
 
 

@@ -7,9 +7,9 @@ import subprocess
 import sys
 
 import pytest
+from conftest import CollectorProc, env, finish, start_trainer
 
 from collector.wandb_readback import find_offline_runs, read_offline_run
-from conftest import CollectorProc, env, finish, start_trainer
 
 EPOCHS = 3
 
