@@ -94,15 +94,26 @@ def main() -> None:
     ap.add_argument("--close-timeout", type=float, default=10.0)
     ap.add_argument("--die-after-epoch", type=int, default=0)
     ap.add_argument("--loader-workers", type=int, default=0)
+    ap.add_argument("--ddp-port", type=int, default=0,
+                    help="train with DDP (gloo, loopback): ranks in lockstep, equal weights")
     a = ap.parse_args()
 
     torch.set_num_threads(1)  # the machine is shared with the collector and other ranks
     torch.manual_seed(a.seed)
     gen = torch.Generator().manual_seed(1000 + a.rank)
     val_shape = tuple(int(d) for d in a.val_shape.split(","))
-    model = nn.Sequential(nn.Linear(len(CHANNELS), 32), nn.SiLU(), nn.Linear(32, len(CHANNELS)))
+    net = nn.Sequential(nn.Linear(len(CHANNELS), 32), nn.SiLU(), nn.Linear(32, len(CHANNELS)))
+    ddp = None
+    if a.ddp_port:
+        import torch.distributed as dist
+
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{a.ddp_port}",
+                                rank=a.rank, world_size=a.world)
+        ddp = dist
+    # DDP broadcasts rank 0's weights and all-reduces gradients: the ranks stay equal
+    model = nn.parallel.DistributedDataParallel(net) if ddp else net
     ema = torch.optim.swa_utils.AveragedModel(
-        model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(0.99))
+        net, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(0.99))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4)
     data = _pseudo_data(512, 32, gen)
 
@@ -157,13 +168,13 @@ def main() -> None:
             loss.backward()
             norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
-            ema.update_parameters(model)
+            ema.update_parameters(net)
             timed("step", tw.log_step, loss, terms, model=model, grad_norm=norm)
             made["step"] += 1
             step += 1
             if a.step_sleep:
                 time.sleep(a.step_sleep)
-            if step >= a.steps or time.monotonic() >= deadline:
+            if step >= a.steps or (ddp is None and time.monotonic() >= deadline):
                 done = True
                 break
         if a.val_every and epoch % a.val_every == 0:
@@ -174,6 +185,10 @@ def main() -> None:
             made["validation"] += 1
         timed("epoch", tw.log_epoch, epoch, model=model, ema_model=ema)
         made["epoch"] += 1
+        if ddp is not None and not done:  # the clock decides for every rank at once
+            flag = torch.tensor([float(time.monotonic() >= deadline)])
+            ddp.all_reduce(flag, op=ddp.ReduceOp.MAX)
+            done = bool(flag.item())
         if epoch == a.die_after_epoch:
             break
     died = epoch == a.die_after_epoch
@@ -187,6 +202,8 @@ def main() -> None:
         t0 = time.perf_counter()
         tw.close(timeout=a.close_timeout)
         calls["close"] = [time.perf_counter() - t0]
+    if ddp is not None:
+        ddp.destroy_process_group()
     with open(a.out, "w") as fh:
         json.dump({"rank": a.rank, "pid": os.getpid(), "stats": tw.stats, "made": made,
                    "epochs": epoch, "died": died, "child_refused": child_refused,

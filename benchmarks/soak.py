@@ -2,12 +2,14 @@
 
     python benchmarks/soak.py                       # 4 ranks, 60 s at most
     python benchmarks/soak.py --ranks 8 --steps 20000 --duration-s 120
+    python benchmarks/soak.py --independent         # no DDP lockstep: more messages
 
 A ``trainwatch collect --once`` process listens on an ipc:// socket; N rank processes
-(benchmarks/rank_worker.py) train a small model with the real TrainerClient: steps, epochs,
-and every few epochs 64 x 128 x 8 float32 generated samples. Each rank stops after
-``--steps`` steps or ``--duration-s`` seconds, whichever comes first; the collector stops by
-itself once every rank said goodbye.
+(benchmarks/rank_worker.py) train a small model as one DDP job (gloo over loopback, so the
+ranks keep in step as on a cluster) with the real TrainerClient: steps, epochs, and every
+few epochs 64 x 128 x 8 float32 generated samples. The job stops after ``--steps`` steps
+per rank or ``--duration-s`` seconds, whichever comes first; the collector stops by itself
+once every rank said goodbye.
 
 Printed, and written to ``soak-results.json`` in the current folder:
 
@@ -52,6 +54,7 @@ class SoakConfig:
     val_every: int = 5  # epochs between validation samples
     val_shape: str = "64,128,8"
     rss_tolerance: float = 0.2  # last-quarter RSS may exceed the second quarter by this
+    ddp: bool = True  # one DDP job (ranks in step); else independent ranks that drift apart
 
 
 def run_soak(cfg: SoakConfig, workdir: Path) -> dict:
@@ -60,9 +63,11 @@ def run_soak(cfg: SoakConfig, workdir: Path) -> dict:
                                 str(QUIET_S)).start()
     sampler = harness.RssSampler(col.pid).start()
     outs = {r: workdir / f"rank{r}.json" for r in range(cfg.ranks)}
+    ddp_port = int(harness.free_tcp().rsplit(":", 1)[1]) if cfg.ddp else None
     procs = [harness.start_rank(col.endpoint, RUN, r, cfg.ranks, outs[r], steps=cfg.steps,
                                 duration_s=cfg.duration_s, steps_per_epoch=cfg.steps_per_epoch,
-                                val_every=cfg.val_every, val_shape=cfg.val_shape, seed=r)
+                                val_every=cfg.val_every, val_shape=cfg.val_shape, seed=r,
+                                ddp_port=ddp_port)
              for r in range(cfg.ranks)]
     try:
         rank_codes = harness.wait_all(procs, cfg.duration_s + 180)
@@ -142,7 +147,8 @@ def run_soak(cfg: SoakConfig, workdir: Path) -> dict:
 
 def print_report(res: dict) -> None:
     cfg = res["config"]
-    print(f"soak: {cfg['ranks']} ranks, <= {cfg['steps']} steps or {cfg['duration_s']:g} s each, "
+    print(f"soak: {cfg['ranks']} ranks{' (DDP)' if cfg['ddp'] else ''}, <= {cfg['steps']} steps "
+          f"or {cfg['duration_s']:g} s each, "
           f"{cfg['steps_per_epoch']} steps/epoch, samples {cfg['val_shape']} every "
           f"{cfg['val_every']} epochs")
     print(f"collector handled {res['messages']} messages ({res['recording_bytes'] / 1e6:.1f} MB)"
@@ -150,8 +156,8 @@ def print_report(res: dict) -> None:
           f"(ranks sent {res['msgs_per_s_sent']:.0f} msgs/s); {res['epochs_closed']} epochs closed")
     per_cpu = res["msgs_per_collector_cpu_s"]
     print(f"collector CPU while loaded: {100 * res['collector_core_share']:.0f} % of one core, "
-          f"{per_cpu or 0:.0f} msgs per CPU second; load average {res['loadavg_1m_at_end']:.1f} "
-          f"on {os.cpu_count()} cores")
+          f"{per_cpu or 0:.0f} msgs per CPU second at this rate (epoch closes included); load "
+          f"average {res['loadavg_1m_at_end']:.1f} on {os.cpu_count()} cores")
     print(f"\n{'client call':<18} {'n':>8} {'p50 us':>9} {'p99 us':>9} {'max us':>10}")
     for kind, p in res["client_call_s"].items():
         if p["n"]:
@@ -180,9 +186,13 @@ def main(argv: list[str] | None = None) -> int:
                     help="per rank, at most")
     ap.add_argument("--steps-per-epoch", type=int, default=SoakConfig.steps_per_epoch)
     ap.add_argument("--val-every", type=int, default=SoakConfig.val_every)
+    ap.add_argument("--independent", action="store_true",
+                    help="no DDP: more messages, but the ranks drift apart and the collector "
+                         "holds the fast ranks' epochs until the slow ones close them")
     ap.add_argument("--keep", action="store_true", help="keep the recording and logs")
     a = ap.parse_args(argv)
-    cfg = SoakConfig(a.ranks, a.steps, a.duration_s, a.steps_per_epoch, a.val_every)
+    cfg = SoakConfig(a.ranks, a.steps, a.duration_s, a.steps_per_epoch, a.val_every,
+                     ddp=not a.independent)
     tmp = Path(tempfile.mkdtemp(prefix="tw-soak-"))
     try:
         res = run_soak(cfg, tmp)

@@ -27,6 +27,14 @@ __all__ = ["Pipeline", "replay"]
 
 _log = logging.getLogger("trainwatch.collector")
 _NOT_RULES = ("health/phase", "health/mode_collapse_score")
+_internal_errors = [0]
+
+
+def _log_internal(msg: wire.Message) -> None:
+    _internal_errors[0] += 1
+    if _internal_errors[0] <= 3 or _internal_errors[0] % 1000 == 0:
+        _log.exception("internal error on a %s message of run %s (%d so far)",
+                       wire.KINDS.get(msg.kind), msg.run, _internal_errors[0])
 
 
 class Pipeline:
@@ -38,6 +46,7 @@ class Pipeline:
         self.recorder = recorder
         self.epoch_timeout_s = epoch_timeout_s
         self.state = State(profile, self._emit)
+        self.state.before_apply = self._record
         self.accepted = 0
         self.rejected: dict[str, int] = {}
         self.records_out = 0
@@ -67,17 +76,22 @@ class Pipeline:
         except wire.DecodeError as exc:
             self._reject(exc.reason, exc.run)
             return False
-        reason = self.state.admit(msg)
+        try:
+            reason = self.state.accept(msg, frames)
+        except Exception:  # a bug must not take the collector down: count it, go on
+            reason = "internal_error"
+            _log_internal(msg)
         if reason is not None:
             self._reject(reason, msg.run)
             return False
+        self.accepted += 1
+        return True
+
+    def _record(self, frames: list | None) -> None:
         if self.recorder is not None:
             if self._pending_rejects:
                 self._record_rejects()
             self.recorder.append(MESSAGE, frames)
-        self.accepted += 1
-        self.state.apply(msg)
-        return True
 
     def _reject(self, reason: str, run: str | None) -> None:
         self.rejected[reason] = self.rejected.get(reason, 0) + 1

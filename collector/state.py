@@ -119,41 +119,40 @@ class RunState:
         self.finished = False
         self.rejected: dict[str, int] = {}
         self.late_epochs = 0
-        self.last_activity = time.monotonic()
+        self.seen = (0, time.monotonic())  # (messages, when that count was first seen)
 
 
 class State:
-    """All runs seen. ``check`` then ``apply`` each message; records go to ``emit``."""
+    """All runs seen. ``accept`` each message; records go to ``emit``."""
 
     def __init__(self, profile: Profile, emit: Emit) -> None:
         self.profile = profile
         self.emit = emit
         self.runs: dict[str, RunState] = {}
+        self.before_apply: Callable[[list | None], None] | None = None
 
     # -- messages ------------------------------------------------------------------
-    def admit(self, msg: wire.Message) -> str | None:
-        """A reason to reject this message, or None (then ``apply`` it).
+    def accept(self, msg: wire.Message, frames: list | None = None) -> str | None:
+        """Admit and apply one message, or return why it is rejected (then nothing changed).
 
-        A rank whose client instance changed (a restarted process) starts afresh.
+        ``before_apply(frames)`` (the recording) runs between the two, so that what is
+        recorded is exactly what was accepted, before any of its effects. A rank whose
+        client instance changed (a restarted process) starts afresh.
         """
-        rs = self.runs.get(msg.run)
-        if rs is None:
-            return None
-        rank = rs.ranks.get(msg.rank)
-        if rank is None:
-            return None
-        if msg.instance != rank.counters.instance:
-            rank.last_epoch = -1
-            rank.open_steps = StepColumns()
-            rank.finished = False
-        if not rank.counters.admit(msg.instance, msg.seq):
-            return "duplicate_seq"
-        if msg.kind == wire.KIND_EPOCH and msg.epoch <= rank.last_epoch:
-            return "epoch_out_of_order"
-        return None
-
-    def apply(self, msg: wire.Message) -> None:
         run = self.runs.get(msg.run)
+        rank = run.ranks.get(msg.rank) if run is not None else None
+        if rank is not None:
+            counters = rank.counters
+            if msg.instance != counters.instance:
+                rank.last_epoch = -1
+                rank.open_steps = StepColumns()
+                rank.finished = False
+            if not counters.admit(msg.instance, msg.seq):
+                return "duplicate_seq"
+            if msg.kind == wire.KIND_EPOCH and msg.epoch <= rank.last_epoch:
+                return "epoch_out_of_order"
+        if self.before_apply is not None:
+            self.before_apply(frames)
         if run is None:
             run = self.runs[msg.run] = RunState(msg.run, msg.world_size, self.profile)
             # Every rank's launcher gave it the same WANDB_* environment: the first
@@ -164,12 +163,14 @@ class State:
                        "env": dict(env)})
         elif msg.world_size > run.world_size:
             run.world_size = msg.world_size
-        rank = run.ranks.get(msg.rank)
         if rank is None:
             rank = run.ranks[msg.rank] = RankState()
             rank.counters.admit(msg.instance, msg.seq)
         rank.counters.count(msg.kind, msg.seq, msg.dropped, msg.wall_time)
-        run.last_activity = time.monotonic()
+        self._apply(run, rank, msg)
+        return None
+
+    def _apply(self, run: RunState, rank: RankState, msg: wire.Message) -> None:
         kind = msg.kind
         if kind == wire.KIND_STEP:
             rank.open_steps.add(msg)
@@ -299,8 +300,11 @@ class State:
                     out.append({"op": "close_epoch", "run": run.run, "epoch": epoch,
                                 "missing": missing})
             # Some ranks said goodbye and the rest went quiet: they died. All quiet for
-            # much longer: the whole job died.
-            quiet = now - run.last_activity
+            # much longer: the whole job died. (Quiet = no new message since a tick.)
+            msgs = sum(r.counters.messages for r in run.ranks.values())
+            if msgs != run.seen[0]:
+                run.seen = (msgs, now)
+            quiet = now - run.seen[1]
             done = any(r.finished for r in run.ranks.values())
             if quiet >= (timeout_s if done else 5 * timeout_s):
                 out.append({"op": "finish_run", "run": run.run})

@@ -1,5 +1,5 @@
 """Faults on real processes: a rank that dies, a full disk, forked DataLoader workers, and
-messages that once took the collector down.
+messages that could take the collector down.
 
 The ranks are benchmarks/rank_worker.py (a small model really training with the real
 client); the collector is ``python -m collector collect``.
@@ -118,7 +118,7 @@ def _msg(kind: object, seq: int, body: object, tensors: list[wire.Tensor] = (),
     return [msgpack.packb(head), *(bytes(t.data) for t in tensors)]
 
 
-def test_messages_that_once_killed_the_collector_are_rejected_and_counted(tmp_path, ipc):
+def test_messages_that_could_kill_the_collector_are_rejected_and_counted(tmp_path, ipc):
     col = CollectorProc(tmp_path, ipc, "--once", "--quiet", "1").start()
     f32 = "float32"
     lethal = [  # each with a fresh seq, so a rejected one cannot hide the next

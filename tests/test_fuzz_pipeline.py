@@ -316,7 +316,7 @@ def test_decode_of_near_valid_messages_keeps_its_promises(frames):
     _check_decoded(frames)
 
 
-# -- targeted: what fuzzing found -------------------------------------------------------------
+# -- targeted: what the fuzzing above found ---------------------------------------------------
 def _one(kind: int, body: object, tensors: list[wire.Tensor], seq: int = 1,
          epoch: int = 0) -> list[bytes]:
     return _frames((wire.Header(kind, "r", 0, 1, 7, seq, 0, epoch, 1.0, 0, body), tensors))
@@ -341,7 +341,7 @@ HELLO = _one(wire.KIND_HELLO, {}, [], seq=0)
     (_one(wire.KIND_VALIDATION, {"epoch": "one"},
           [wire.Tensor("samples", "float32", (2, 2), bytes(16))]), "bad_body"),
 ])
-def test_messages_that_used_to_escape_the_decoder_are_rejected(frames, reason):
+def test_wrong_kinds_versions_dtypes_and_epochs_are_rejected_by_the_decoder(frames, reason):
     pipe = Pipeline(PROFILE, MemorySink())
     assert pipe.feed(HELLO)
     assert not pipe.feed(frames)

@@ -30,6 +30,7 @@ import threading
 import time
 import weakref
 from collections.abc import Mapping, Sequence
+from functools import partial
 from typing import Any
 
 import torch
@@ -173,53 +174,52 @@ class TrainerClient:
         if self._closed:
             self._after_close += 1
             return
-        loss_is_tensor = isinstance(loss, torch.Tensor)
-        parts: list[torch.Tensor] = [_scalar(loss, "loss")] if loss_is_tensor else []
+        # Vector layout on the device: [loss?, tensor terms..., grad_norm?, param norms...]
+        tensor = torch.Tensor
+        parts: list[torch.Tensor] = []
         t_names: list[str] = []
         f_names: list[str] = []
-        f_vals: list[float] = [] if loss_is_tensor else [float(loss)]
-        for name, value in (components or {}).items():
-            if isinstance(value, torch.Tensor):
-                parts.append(_scalar(value, name))
-                t_names.append(str(name))
-            else:
-                f_names.append(str(name))
-                f_vals.append(float(value))
+        f_vals: list[float] = []
+        loss_is_tensor = isinstance(loss, tensor)
+        if loss_is_tensor:
+            parts.append(loss if loss.dim() == 0 else _scalar(loss, "loss"))
+        if components:
+            for name, value in components.items():
+                if isinstance(value, tensor):
+                    parts.append(value if value.dim() == 0 else _scalar(value, name))
+                    t_names.append(name)
+                else:
+                    f_names.append(name)
+                    f_vals.append(float(value))
         pn = reductions.grad_norms(self._params_of(model)) if model is not None else None
         gn_float: float | None = None
-        has_gn = False
-        if isinstance(grad_norm, torch.Tensor):
-            parts.append(_scalar(grad_norm, "grad_norm"))
-            has_gn = True
+        has_gn = isinstance(grad_norm, tensor)
+        if has_gn:
+            parts.append(grad_norm if grad_norm.dim() == 0 else _scalar(grad_norm, "grad_norm"))
         elif grad_norm is not None:
             gn_float = float(grad_norm)
         elif pn is not None:
             parts.append(torch.linalg.vector_norm(pn[1]))
             has_gn = True
+        host = event = None
         if parts:
-            with torch.no_grad():  # one stack, no autograd node: cheaper than detach per part
-                vec = torch.stack(parts) if len(parts) > 1 else parts[0].reshape(1)
+            # One stack with grad mode off: a snapshot, no autograd node holding the graph.
+            # (torch.no_grad() costs ~3 us of Python here; the raw switch does not.)
+            grad_was = torch.is_grad_enabled()
+            torch._C._set_grad_enabled(False)
+            try:
+                vec = torch.stack(parts)
+                if vec.dtype != torch.float32:
+                    vec = vec.float()
                 if pn is not None:
                     vec = torch.cat([vec, pn[1].to(vec.device)])
+            finally:
+                torch._C._set_grad_enabled(grad_was)
             host, event = reductions.to_host(vec)
-        else:
-            host, event = None, None
-        n_t = len(parts)
-        n_tc = len(t_names)
-
-        def build(h: torch.Tensor | None) -> tuple:
-            head = h[:n_t].tolist() if h is not None else []
-            fv = list(f_vals)
-            loss_v = head[0] if loss_is_tensor else fv.pop(0)
-            off = 1 if loss_is_tensor else 0
-            names = t_names + f_names
-            values = head[off:off + n_tc] + fv
-            gn = head[off + n_tc] if has_gn else gn_float
-            tensors = [_raw(h[n_t:], "param_norms", "float32")] if pn is not None else []
-            return [loss_v, gn, names, values], tensors
-
+        spec = (loss_is_tensor, t_names, f_names, f_vals, has_gn, gn_float, len(parts),
+                pn is not None, None if loss_is_tensor else float(loss))
         self._step += 1
-        self._enqueue(wire.KIND_STEP, build, host, event, step=self._step)
+        self._enqueue(wire.KIND_STEP, partial(_step_body, spec), host, event, step=self._step)
 
     def log_epoch(self, epoch: int, model: nn.Module | None = None,
                   ema_model: nn.Module | None = None) -> None:
@@ -322,12 +322,22 @@ class TrainerClient:
         self._pid = -1
 
 
+def _step_body(spec: tuple, h: torch.Tensor | None) -> tuple:
+    """A step's wire body from the host copy of its device vector (sender thread)."""
+    loss_is_tensor, t_names, f_names, f_vals, has_gn, gn_float, n_t, has_pn, f_loss = spec
+    head = h[:n_t].tolist() if h is not None else []
+    off = 1 if loss_is_tensor else 0
+    n_tc = len(t_names)
+    gn = head[off + n_tc] if has_gn else gn_float
+    body = [head[0] if loss_is_tensor else f_loss, gn, t_names + f_names,
+            head[off:off + n_tc] + f_vals]
+    return body, [_raw(h[n_t:], "param_norms", "float32")] if has_pn else []
+
+
 def _scalar(t: torch.Tensor, name: str) -> torch.Tensor:
     if t.numel() != 1:
         raise ValueError(f"log_step: {name} must be a scalar, got shape {tuple(t.shape)}")
-    if t.dim():
-        t = t.reshape(())
-    return t if t.dtype == torch.float32 else t.float()
+    return t.reshape(())
 
 
 def _dtype_name(t: torch.Tensor) -> str:

@@ -29,6 +29,9 @@ from . import wire
 
 _log = logging.getLogger("trainwatch.client")
 
+POLL_S = 0.02  # how often an idle sender looks at the queue: the latency of a message
+WAKE_AT = 256  # queued items that make the training thread wake the sender at once
+
 # build(host) -> (body, [wire.Tensor]); runs on the sender thread after the event.
 Build = Callable[[Any], tuple[Any, list[wire.Tensor]]]
 
@@ -91,7 +94,9 @@ class Sender:
             return False
         self.enq_bytes += item.nbytes
         q.append(item)
-        if not self._wake.is_set():
+        # Waking a thread is a syscall (~5-10 us): the sender polls every POLL_S anyway,
+        # so the training thread wakes it only when a batch's worth is waiting.
+        if len(q) >= WAKE_AT and not self._wake.is_set():
             self._wake.set()
         return True
 
@@ -144,7 +149,7 @@ class Sender:
             if not q:
                 if self._stop_at is not None:
                     return
-                self._wake.wait(0.05)
+                self._wake.wait(POLL_S)
                 self._wake.clear()
                 continue
             if self._stop_at is not None and time.monotonic() >= self._stop_at - 0.05:
