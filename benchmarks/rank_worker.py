@@ -179,7 +179,7 @@ def main() -> None:
                 break
         if a.val_every and epoch % a.val_every == 0:
             with torch.no_grad():
-                samples = model(torch.randn(val_shape, generator=gen))
+                samples = net(torch.randn(val_shape, generator=gen))
             names = CHANNELS if val_shape[-1] == len(CHANNELS) else None
             timed("validation", tw.log_validation, epoch, samples, names)
             made["validation"] += 1

@@ -69,6 +69,7 @@ class Collector:
         self._stop = False
         self.started = time.monotonic()
         self._counts: dict[str, tuple[float, int]] = {}
+        self._unrecorded_told = (0, -1e18)  # (count, monotonic time) last written to the log
 
     def stop(self, *_: Any) -> None:
         self._stop = True
@@ -84,19 +85,22 @@ class Collector:
             from .keys import start_authenticator
 
             auth = start_authenticator(ctx, sock, self.curve_keys)
+        # Before the warm-up: a SIGTERM while the kernels compile must stop the collector
+        # cleanly (exit 0, recording closed), not kill it.
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self.stop)
         for b in self.binds:
             sock.bind(b)
         _log.info("collecting on %s", ", ".join(self.binds))
         # Bound first: while the kernels compile (seconds on a cold cache), messages wait
         # in the socket's queue instead of being refused.
         self.pipeline.warm_up()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, self.stop)
         try:
             self._loop(sock)
             self._drain(sock)
         finally:
             self.pipeline.finish()
+            self._tell_unrecorded(final=True)
             if self.view is not None:
                 self.view.update(self.status())
                 self.view.close()
@@ -119,6 +123,7 @@ class Collector:
                 self.pipeline.tick(now)
                 if self.pipeline.recorder is not None:
                     self.pipeline.recorder.flush()
+                    self._tell_unrecorded()
                 if self.view is not None:
                     self.view.update(self.status())
                 if self.once and self.pipeline.state.all_finished() \
@@ -139,6 +144,21 @@ class Collector:
         if n and self.pipeline.recorder is not None:
             self.pipeline.recorder.flush()
         return n
+
+    def _tell_unrecorded(self, final: bool = False, every_s: float = 30.0) -> None:
+        """What the recording lost, in the log: all a --no-view collector shows."""
+        rec = self.pipeline.recorder
+        if rec is None:
+            return
+        told, at = self._unrecorded_told
+        now = time.monotonic()
+        if not final and (rec.unrecorded == told or now - at < every_s):
+            return
+        self._unrecorded_told = (rec.unrecorded, now)
+        _log.log(logging.WARNING if rec.unrecorded else logging.INFO,
+                 "recording %s%s: %d records written, unrecorded %d%s", rec.path,
+                 " closed" if final else "", rec.recorded, rec.unrecorded,
+                 f" ({rec.error})" if rec.error else "")
 
     def status(self) -> dict:
         """What the live view shows; computed from the state, twice a second at most."""

@@ -64,7 +64,8 @@ class StepColumns:
         n = len(self.loss)
         comps: dict[str, np.ndarray] = {}
         flat = np.asarray(self.comp_values, dtype=np.float64)
-        bounds = [seg[0] for seg in self.comp_segments[1:]] + [n]
+        # one bound per segment; an epoch with no steps has no segment
+        bounds = [seg[0] for seg in self.comp_segments[1:]] + [n] if self.comp_segments else []
         off = 0
         for (start, names), stop in zip(self.comp_segments, bounds, strict=True):
             k = len(names)
@@ -114,7 +115,8 @@ class RunState:
         self.config_seen = False
         self.data_rank: int | None = None
         self.data_acc: Any = None
-        self.data_left: set[int] = set()
+        self.data_count = 0  # chunks announced by chunk 0
+        self.data_seen: set[int] = set()  # never sized by the sender's claim
         self.data_channels: list[str] = []
         self.finished = False
         self.rejected: dict[str, int] = {}
@@ -254,7 +256,8 @@ class State:
             return None
         run.validations = [v for v in run.validations if v[0] > epoch]
         first = ready[-1]
-        same = [v for v in ready if v[0] == first[0] and v[2].dtype == first[2].dtype]
+        same = [v for v in ready if v[0] == first[0] and v[2].dtype == first[2].dtype
+                and v[2].shape[-1] == first[2].shape[-1]]
         arrays = [np.frombuffer(v[2].data, _NP_DTYPES[v[2].dtype]).reshape(v[2].shape)
                   for v in same]
         names = first[3] or run.data_channels or [f"ch{i}" for i in range(first[2].shape[-1])]
@@ -267,18 +270,19 @@ class State:
         if run.data_rank is None and body["index"] == 0:
             run.data_rank = msg.rank
             run.data_acc = DataStatsAccumulator()
-            run.data_left = set(range(body["count"]))
+            run.data_count = body["count"]
             run.data_channels = list(body["channels"])
             consts = {k: np.frombuffer(msg.tensors[k].data, np.float64).copy()
                       if k in msg.tensors else None for k in ("mean", "std")}
             run.health.on_data_constants(DataConstants(run.data_channels, consts["mean"],
                                                        consts["std"]))
-        if msg.rank != run.data_rank or body["index"] not in run.data_left:
-            return
+        if msg.rank != run.data_rank or body["index"] in run.data_seen \
+                or body["index"] >= run.data_count or body["channels"] != run.data_channels:
+            return  # another rank's copy, a repeat, or a chunk that contradicts chunk 0
         t = msg.tensors["chunk"]
         run.data_acc.add(np.frombuffer(t.data, _NP_DTYPES[t.dtype]).reshape(t.shape), t.dtype)
-        run.data_left.discard(body["index"])
-        if not run.data_left:
+        run.data_seen.add(body["index"])
+        if len(run.data_seen) == run.data_count:
             self.emit({"type": "data_stats", "run": run.run, "epoch": None,
                        "metrics": run.data_acc.metrics(run.data_channels), "events": []})
 

@@ -140,11 +140,11 @@ def decode(frames: list[bytes] | list[memoryview]) -> Message:
     if type(h) is not list or len(h) != 13:
         raise DecodeError("bad_header", "not a 13-field array")
     version, kind, run, rank, world, instance, seq, step, epoch, wall, dropped, body, specs = h
-    if version != VERSION:
+    if type(version) is not int or version != VERSION:  # 1.0 and True equal 1
         raise DecodeError("bad_version", repr(version)[:40])
     if type(run) is not str or not run or len(run) > MAX_RUN_LEN:
         raise DecodeError("bad_field", "run")
-    if kind not in KINDS:
+    if type(kind) is not int or kind not in KINDS:  # a list is unhashable, 4.0 equals 4
         raise DecodeError("bad_kind", repr(kind)[:40], run)
     if type(world) is not int or type(rank) is not int or not 0 <= rank < world <= MAX_WORLD:
         raise DecodeError("bad_field", "rank or world_size", run)
@@ -168,6 +168,7 @@ def decode(frames: list[bytes] | list[memoryview]) -> Message:
 
 _isfinite = math.isfinite
 _NO_TENSORS: dict[str, Tensor] = {}
+_FLOATS = ("float16", "bfloat16", "float32", "float64")
 _NUM_TYPES = frozenset((int, float))
 
 
@@ -233,11 +234,15 @@ def _check_data(body: Any, tensors: dict, run: str) -> dict:
         raise DecodeError("bad_body", "data chunk index", run)
     if not _str_list(channels) or "chunk" not in tensors:
         raise DecodeError("bad_body", "data channels or chunk", run)
+    if tensors["chunk"].dtype not in _FLOATS:
+        raise DecodeError("bad_tensors", "data chunk dtype", run)
     shape = tensors["chunk"].shape
     if not shape or shape[-1] != len(channels):
         raise DecodeError("size_mismatch", "data chunk's last dim != channels", run)
     for const in ("mean", "std"):
         t = tensors.get(const)
+        if t is not None and t.dtype != "float64":
+            raise DecodeError("bad_tensors", f"data {const} must be float64", run)
         if t is not None and t.shape != (len(channels),):
             raise DecodeError("size_mismatch", f"data {const} shape", run)
     return body
@@ -285,9 +290,10 @@ def _check_validation(body: Any, tensors: dict, run: str) -> dict:
     body = _map(body, run)
     channels = body.get("channels")
     samples = tensors.get("samples")
-    if samples is None or not samples.shape or samples.dtype not in (
-            "float16", "bfloat16", "float32", "float64"):
+    if samples is None or not samples.shape or samples.dtype not in _FLOATS:
         raise DecodeError("bad_body", "validation samples", run)
+    if "epoch" in body and (type(body["epoch"]) is not int or body["epoch"] < 0):
+        raise DecodeError("bad_body", "validation epoch", run)
     if channels is not None and (not _str_list(channels) or len(channels) != samples.shape[-1]):
         raise DecodeError("size_mismatch", "validation channels != last dim", run)
     return body

@@ -14,6 +14,8 @@ def clean(v: Any) -> Any:
     """JSON has no NaN/Inf: they become null, so every line parses anywhere."""
     if isinstance(v, float):
         return v if math.isfinite(v) else None
+    if isinstance(v, (bytes, bytearray, memoryview)):  # msgpack bin in a config value
+        return bytes(v).hex()
     if isinstance(v, dict):
         return {str(k): clean(x) for k, x in v.items()}
     if isinstance(v, (list, tuple)):
