@@ -98,3 +98,41 @@ def test_frozen_ema_copy_is_compared(tmp_path):
     count, diff = reductions.ema_summary(params, frozen).tolist()
     n = sum(p.numel() for p in model.parameters())
     assert count == n and diff == pytest.approx(0.5 * n, rel=1e-6)
+
+
+def test_cpu_tensor_changed_in_place_before_sending_is_dropped_not_misreported(tmp_path):
+    """CPU scalars are read by the sender thread later; a version check guards them."""
+    import zmq
+
+    ctx = zmq.Context()
+    pull = ctx.socket(zmq.PULL)
+    ep = f"ipc://{tmp_path}/pull.sock"
+    pull.bind(ep)
+    tw = TrainerClient(endpoint=ep, run="mut", rank=0, world_size=1)
+    loss = torch.tensor(2.0)
+    tw.log_step(loss, {"a": torch.tensor(1.0)})
+    loss.add_(1.0)  # in place, before the sender's next poll read it
+    tw.log_step(torch.tensor(5.0), {"a": 0.5})
+    tw.close(timeout=5.0)
+    from trainer_client import wire
+
+    got = []
+    while pull.poll(2000):
+        m = wire.decode(pull.recv_multipart())
+        got.append(m)
+    steps = [m.body for m in got if m.kind == wire.KIND_STEP]
+    assert tw.stats["dropped_by_reason"]["mutated"] == 1
+    assert steps == [[5.0, None, ["a"], [0.5]]]
+    assert got[-1].kind == wire.KIND_BYE and got[-1].dropped == 1
+    pull.close(0)
+    ctx.term()
+
+
+def test_non_scalar_loss_is_a_clear_error(tmp_path, caplog):
+    tw = TrainerClient(endpoint=f"ipc://{tmp_path}/none.sock", run="bad", rank=0,
+                       world_size=1)
+    with caplog.at_level("ERROR", logger="trainwatch.client"):
+        tw.log_step(torch.ones(3))
+        tw.close(timeout=1.0)
+    assert tw.stats["dropped_by_reason"]["build_failed"] == 1
+    assert "log_step takes scalars" in caplog.text

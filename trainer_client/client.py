@@ -174,6 +174,16 @@ class TrainerClient:
         if self._closed:
             self._after_close += 1
             return
+        if model is None and not getattr(loss, "is_cuda", False):
+            # Nothing on a device: the values already live in host memory. Queue the
+            # references and let the sender thread sort and read them; right after a
+            # backward pass every Python line here costs ~10x (cold caches).
+            comps = dict(components) if components else {}
+            self._step += 1
+            self._enqueue(wire.KIND_STEP, _host_step,
+                          (loss, comps, grad_norm, _versions(loss, comps, grad_norm)),
+                          step=self._step)
+            return
         # Vector layout on the device: [loss?, tensor terms..., grad_norm?, param norms...]
         tensor = torch.Tensor
         parts: list[torch.Tensor] = []
@@ -320,6 +330,25 @@ class TrainerClient:
     def _forked(self) -> None:
         self._closed = True
         self._pid = -1
+
+
+def _versions(loss: Any, comps: dict, grad_norm: Any) -> list[int]:
+    return [v._version for v in (loss, grad_norm, *comps.values())
+            if isinstance(v, torch.Tensor)]
+
+
+def _host_step(h: tuple) -> tuple:
+    """A step's wire body from host values (sender thread); see ``log_step``."""
+    loss, comps, grad_norm, versions = h
+    if _versions(loss, comps, grad_norm) != versions:
+        raise reductions.MutatedError("a logged tensor was changed in place before it was sent")
+    try:
+        body = [float(loss), None if grad_norm is None else float(grad_norm),
+                [str(k) for k in comps], [float(v) for v in comps.values()]]
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise ValueError(f"log_step takes scalars (tensors of one element or floats): {exc}"
+                         ) from None
+    return body, []
 
 
 def _step_body(spec: tuple, h: torch.Tensor | None) -> tuple:

@@ -103,6 +103,10 @@ def to_host(t: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
     return t.to("cpu", non_blocking=True), None
 
 
+class MutatedError(RuntimeError):
+    """A logged CPU tensor changed in place before the sender read it: its message drops."""
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     """The module inside DDP / AveragedModel wrappers."""
     return getattr(model, "module", model)

@@ -8,7 +8,8 @@ the message is dropped and counted. Drops by reason:
 - ``queue_full``: the queue (count or bytes) was full when the message was made;
 - ``send_failed``: the socket stayed full (collector slow or gone) or raised;
 - ``closed``: still queued when ``close`` ran out of time, or made after close;
-- ``build_failed``: packing the message raised (a bug: logged once).
+- ``build_failed``: packing the message raised (a bug: logged once);
+- ``mutated``: a CPU tensor was changed in place before the sender could read it.
 
 Every message's header carries how many lower-numbered messages were dropped, so the
 collector can compare its sequence gaps with what the client reports.
@@ -26,6 +27,7 @@ from typing import Any
 import zmq
 
 from . import wire
+from .reductions import MutatedError
 
 _log = logging.getLogger("trainwatch.client")
 
@@ -79,7 +81,8 @@ class Sender:
         self.deq_bytes = 0  # written by the sender thread only
         self.enq_dropped = 0  # training thread only
         self.sent = 0
-        self.drops = {"queue_full": 0, "send_failed": 0, "closed": 0, "build_failed": 0}
+        self.drops = {"queue_full": 0, "send_failed": 0, "closed": 0, "build_failed": 0,
+                      "mutated": 0}
         self._thread = threading.Thread(target=self._run, name="trainwatch-sender", daemon=True)
         self._thread.start()
 
@@ -180,6 +183,9 @@ class Sender:
             frames = wire.encode(wire.Header(item.kind, run, rank, world, instance, item.seq,
                                              item.step, item.epoch, item.wall, dropped, body),
                                  tensors)
+        except MutatedError:
+            self.drops["mutated"] += 1
+            return
         except Exception:
             self.drops["build_failed"] += 1
             if self.drops["build_failed"] == 1:
@@ -210,4 +216,4 @@ class Sender:
 
     def _sender_dropped(self) -> int:
         d = self.drops
-        return d["send_failed"] + d["closed"] + d["build_failed"]
+        return d["send_failed"] + d["closed"] + d["build_failed"] + d["mutated"]
