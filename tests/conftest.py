@@ -3,27 +3,21 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+from harness import child_env, free_tcp  # noqa: F401 - re-exported for tests
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKER = ROOT / "tests" / "workers" / "trainer.py"
 
 
 def env() -> dict[str, str]:
-    e = dict(os.environ)
-    e["PYTHONPATH"] = str(ROOT) + os.pathsep + e.get("PYTHONPATH", "")
-    e["PYTHONUNBUFFERED"] = "1"
-    e["WANDB_SILENT"] = "true"
-    for k in ("TRAINWATCH_ENDPOINT", "TRAINWATCH_RUN", "TRAINWATCH_CURVE_KEYS", "RANK",
-              "WORLD_SIZE", "TORCHELASTIC_RUN_ID", "MASTER_ADDR", "MASTER_PORT"):
-        e.pop(k, None)
-    return e
+    """The environment for child processes (shared with the benchmarks' harness)."""
+    return child_env()
 
 
 class CollectorProc:

@@ -3,18 +3,15 @@
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 
 import pytest
-from conftest import CollectorProc, env, finish, start_trainer
+from conftest import CollectorProc, env, finish, free_tcp, start_trainer
 
 
-def _free_tcp(host: str = "127.0.0.1") -> tuple[str, int]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return host, s.getsockname()[1]
+def _port() -> int:
+    return int(free_tcp().rsplit(":", 1)[1])
 
 
 def _keys(tmp, name):
@@ -40,8 +37,7 @@ def test_keys_generate_writes_pairs_and_authorized(tmp_path):
 def test_only_authorized_clients_get_in(tmp_path):
     keys = _keys(tmp_path, "k")
     other = _keys(tmp_path, "other")  # a key pair the collector never authorized
-    host, port = _free_tcp()
-    ep = f"tcp://{host}:{port}"
+    ep = free_tcp()
     col = CollectorProc(tmp_path, ep, "--curve-keys", str(keys), "--once", "--quiet", "2")
     col.start()
     # The intruder's server key is right but its client key is not authorized.
@@ -70,7 +66,7 @@ def test_only_authorized_clients_get_in(tmp_path):
 
 @pytest.mark.parametrize("host", ["0.0.0.0", "192.0.2.1"])
 def test_exposed_bind_without_keys_is_refused(tmp_path, host):
-    _, port = _free_tcp()
+    port = _port()
     r = subprocess.run([sys.executable, "-m", "collector", "collect", "--bind",
                         f"tcp://{host}:{port}", "--wandb-mode", "disabled", "--no-view"],
                        env=env(), capture_output=True, text=True, timeout=60)
@@ -79,7 +75,7 @@ def test_exposed_bind_without_keys_is_refused(tmp_path, host):
 
 
 def test_insecure_bind_is_allowed_with_a_warning(tmp_path):
-    _, port = _free_tcp()
+    port = _port()
     col = CollectorProc(tmp_path, f"tcp://0.0.0.0:{port}", "--insecure").start()
     try:
         assert "NO authentication" in col.log.read_text()

@@ -9,14 +9,13 @@ from __future__ import annotations
 import json
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
-from conftest import CollectorProc, env, finish, start_trainer
+from conftest import CollectorProc, env, finish, free_tcp, start_trainer
 
 from collector.recording import MESSAGE, ReadStats, read_records
 
@@ -125,14 +124,8 @@ def test_no_collector_never_blocks_and_close_is_bounded(tmp_path):
     assert s["dropped_by_reason"]["queue_full"] > 0
 
 
-def _free_tcp() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return f"tcp://127.0.0.1:{s.getsockname()[1]}"
-
-
 def test_collector_killed_and_restarted_mid_run(tmp_path):
-    ep = _free_tcp()
+    ep = free_tcp()
     first = CollectorProc(tmp_path, ep, "--epoch-timeout", "30").start()
     out = tmp_path / "rank0.json"
     trainer = start_trainer(ep, "job-kill", 0, 1, out, steps=60, epochs=4, step_sleep=0.01)
