@@ -393,7 +393,7 @@ def test_a_huge_declared_chunk_count_costs_nothing():
                        text=True, timeout=60)
     assert r.returncode == 0, r.stderr[-1500:]
     ok, seconds, rejected = r.stdout.split(" ", 2)
-    assert ok == "True" and float(seconds) < 1.0, (r.stdout, r.stderr[-1500:])
+    assert ok == "True" and float(seconds) < 5.0, (r.stdout, r.stderr[-1500:])
 
 
 # -- atheris: coverage-guided, bounded ----------------------------------------------------------

@@ -115,10 +115,11 @@ def test_no_collector_never_blocks_and_close_is_bounded(tmp_path):
     tw.close(timeout=1.0)
     closed_in = time.perf_counter() - t0
     s = tw.stats
-    # A blocking send would stall a call for the socket's whole retry period; these bounds
-    # are two orders of magnitude above a queue append, so a loaded machine passes them.
-    assert worst < 0.5 and t_all < 30
-    assert closed_in < 1.0 + 0.5
+    # A call that waited on the socket would wait out the sender's 5 s connect grace
+    # (and 0.1 s per message after it: 1000 s for these calls). The bounds sit far below
+    # that and far above a queue append, so a loaded machine still passes them.
+    assert worst < 2.0 and t_all < 60
+    assert closed_in < 1.0 + 1.0
     assert s["sent"] == 0
     assert s["dropped"] == 10_002  # hello + 10,000 steps + bye: every one counted
     assert s["dropped_by_reason"]["queue_full"] > 0
@@ -140,8 +141,9 @@ def test_collector_killed_and_restarted_mid_run(tmp_path):
     finish([trainer])
     assert second.wait(120) == 0, second.log.read_text()[-3000:]
     res = json.loads(out.read_text())
-    # The loop kept its pace: no call waited on the dead collector.
-    assert res["max_step_s"] < 0.5
+    # The loop kept its pace: no call waited out the outage (seconds: the kill, then the
+    # new collector's start-up) on the dead collector.
+    assert res["max_step_s"] < 2.0
     st = ReadStats()
     old_records = list(read_records(old, st))
     assert len(old_records) > 0 and st.corrupted == 0
