@@ -35,15 +35,19 @@ CONTROL = 1
 _HEAD = struct.Struct("<4sII")  # MARK, body_len, crc32
 _BODY = struct.Struct("<BH")
 _LEN = struct.Struct("<I")
+_ONE = struct.Struct("<BHI")  # a one-frame body's head: type, 1, the frame's length
 MAX_BODY = 1 << 31
 
 _log = logging.getLogger("trainwatch.recording")
 
 
 def pack_record(rtype: int, frames: Sequence[bytes | memoryview]) -> bytes:
-    lens = [len(f) for f in frames]
-    body = b"".join([_BODY.pack(rtype, len(frames)), struct.pack(f"<{len(lens)}I", *lens),
-                     *frames])
+    if len(frames) == 1:  # most messages: one struct call, one concatenation
+        body = _ONE.pack(rtype, 1, len(frames[0])) + frames[0]
+    else:
+        lens = [len(f) for f in frames]
+        body = b"".join([_BODY.pack(rtype, len(frames)), struct.pack(f"<{len(lens)}I", *lens),
+                         *frames])
     return _HEAD.pack(MARK, len(body), zlib.crc32(body)) + body
 
 

@@ -343,12 +343,16 @@ def _host_step(h: tuple) -> tuple:
     if _versions(loss, comps, grad_norm) != versions:
         raise reductions.MutatedError("a logged tensor was changed in place before it was sent")
     try:
-        body = [float(loss), None if grad_norm is None else float(grad_norm),
-                [str(k) for k in comps], [float(v) for v in comps.values()]]
+        body = [_float(loss), None if grad_norm is None else _float(grad_norm),
+                [str(k) for k in comps], [_float(v) for v in comps.values()]]
     except (TypeError, ValueError, RuntimeError) as exc:
         raise ValueError(f"log_step takes scalars (tensors of one element or floats): {exc}"
                          ) from None
     return body, []
+
+
+def _float(v: Any) -> float:
+    return float(v.detach()) if isinstance(v, torch.Tensor) else float(v)
 
 
 def _step_body(spec: tuple, h: torch.Tensor | None) -> tuple:
