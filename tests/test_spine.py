@@ -179,3 +179,12 @@ tw.close()
     types = [json.loads(x)["type"] for x in lines]
     assert types.count("epoch") == 2 and types[-1] == "summary"
     assert (tmp_path / "tw" / "solo.twrec").stat().st_size > 0
+
+
+def test_cli_errors_are_one_clear_line(tmp_path):
+    junk = tmp_path / "junk.twrec"
+    junk.write_bytes(b"hello")
+    for args, says in ((["replay", str(tmp_path / "missing.twrec")], "No such file"),
+                       (["inspect", str(junk)], "not a trainwatch recording")):
+        r = _cli(*args, cwd=tmp_path)
+        assert r.returncode == 2 and says in r.stderr and "Traceback" not in r.stderr
