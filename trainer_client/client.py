@@ -197,9 +197,9 @@ class TrainerClient:
             for name, value in components.items():
                 if isinstance(value, tensor):
                     parts.append(value if value.dim() == 0 else _scalar(value, name))
-                    t_names.append(name)
+                    t_names.append(str(name))
                 else:
-                    f_names.append(name)
+                    f_names.append(str(name))
                     f_vals.append(float(value))
         pn = reductions.grad_norms(self._params_of(model)) if model is not None else None
         gn_float: float | None = None
