@@ -38,8 +38,9 @@ SUMMARY_COLUMNS = (  # the seed's sweep priorities first
 )
 PHASES = {1: "early training", 2: "convergence", 3: "fine-tuning"}
 LEVEL_TEXT = {"healthy": "Healthy", "recovered": "Warnings earlier",
-              "unhealthy": "Unhealthy", "no data": "No data yet"}
-LEVEL_ORDER = ("unhealthy", "recovered", "no data", "healthy")
+              "warnings": "Healthy, with warnings", "unhealthy": "Unhealthy",
+              "no data": "No data yet"}
+LEVEL_ORDER = ("unhealthy", "warnings", "recovered", "no data", "healthy")
 
 _CSS = """
 :root{--good:#1b7f3b;--warn:#b45309;--bad:#b3261e;--mute:#64748b;--line:#e2e8f0}
@@ -48,7 +49,7 @@ Roboto,sans-serif;color:#0f172a;background:#f8fafc}main{max-width:1500px;margin:
 padding:0 20px 40px}h1{margin:0 0 4px;font-size:22px}h2{margin:28px 0 8px;font-size:19px}
 h3{margin:18px 0 6px;font-size:16px}.verdict{padding:18px 20px;color:#fff}
 .verdict p{margin:2px 0;font-size:15px}.lvl-healthy{background:var(--good)}
-.lvl-recovered{background:var(--warn)}.lvl-unhealthy{background:var(--bad)}
+.lvl-recovered,.lvl-warnings{background:var(--warn)}.lvl-unhealthy{background:var(--bad)}
 .lvl-no-data{background:var(--mute)}.verdict a{color:#fff}.card{background:#fff;
 border:1px solid var(--line);border-radius:8px;padding:12px 16px;margin:12px 0}
 .grid{display:grid;grid-template-columns:repeat(auto-fit,minmax(560px,1fr));gap:12px}
@@ -279,6 +280,9 @@ def render_report(records: list[dict], ranks: dict | None = None,
             f"<title>{escape(title)}</title><style>{_CSS}</style>"
             f'<script type="text/javascript">{get_plotlyjs()}</script></head><body>'
             f"{_verdict_header(title, runs, verdicts, ranks)}<main>{sweep}{sections}</main>"
+            # Plots drawn before the grid settled its widths are refitted once loaded.
+            '<script>window.addEventListener("load",()=>document.querySelectorAll('
+            '".js-plotly-plot").forEach(g=>Plotly.Plots.resize(g)));</script>'
             "</body></html>\n")
 
 

@@ -147,24 +147,31 @@ def group_runs(records: Iterable[dict[str, Any]]) -> list[RunData]:
 
 @dataclass
 class Verdict:
-    level: str  # "healthy" | "recovered" | "unhealthy" | "no data"
+    level: str  # "healthy" | "recovered" | "warnings" | "unhealthy" | "no data"
     fired: list[str]  # rules that fired at any epoch, first-fired first
     active: list[str]  # rules and diagnoses raised at the last epoch
     diagnoses: list[str]
 
 
 def verdict(run: RunData) -> Verdict:
-    """Unhealthy when a rule or diagnosis is raised at the last epoch or anything was critical."""
+    """The run's health in one word.
+
+    unhealthy: a diagnosis or a critical/error rule is raised at the last epoch, or anything
+    was ever critical; warnings: only warning-level rules are raised at the last epoch;
+    recovered: rules fired earlier and none is raised now; healthy: nothing fired.
+    """
     fired: list[str] = list(run.flags("health/"))
     active: list[str] = []
     last = run.last_epoch()
     critical = False
+    severity: dict[str, int] = {}  # rule -> severity of its latest start event
     for epoch, event in sorted(run.events, key=lambda t: t[0]):
         rule = str(event.get("rule"))
         sev = SEVERITY_RANK.get(str(event.get("severity", "warning")).lower(), 2)
         if sev >= SEVERITY_RANK["info"] or rule.startswith("diagnosis/"):
             continue
         critical |= sev <= SEVERITY_RANK["error"]
+        severity[rule] = sev
         if rule not in fired:
             fired.append(rule)
         if epoch == last and rule not in active:
@@ -174,11 +181,16 @@ def verdict(run: RunData) -> Verdict:
         if _finite(last_metrics.get(f"health/{rule}")) == 1.0 and rule not in active:
             active.append(rule)
     diagnoses = list(run.diagnoses())
-    active += [d for d in diagnoses if _finite(last_metrics.get(f"diagnosis/{d}")) == 1.0]
+    raised = [d for d in diagnoses if _finite(last_metrics.get(f"diagnosis/{d}")) == 1.0]
+    serious = critical or bool(raised) or any(
+        severity.get(r, SEVERITY_RANK["warning"]) <= SEVERITY_RANK["error"] for r in active)
+    active += raised
     if not run.epochs and not fired:
         level = "no data"
-    elif active or critical:
+    elif serious:
         level = "unhealthy"
+    elif active:
+        level = "warnings"
     elif fired or diagnoses:
         level = "recovered"
     else:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import html
 import json
 import math
@@ -251,6 +252,15 @@ def test_verdicts_and_live_summary() -> None:
         for e in r["events"]:
             e["severity"] = "warning"
     assert verdict(group_runs(recovered)[0]).level == "recovered"
+    # A warning-level rule still raised at the last epoch: healthy, with warnings; the
+    # same rule at critical severity: unhealthy.
+    warned = copy.deepcopy(recovered)
+    warned[-1]["metrics"]["health/mode_collapse"] = 1
+    assert verdict(group_runs(warned)[0]).level == "warnings"
+    for r in warned:
+        for e in r["events"]:
+            e["severity"] = "critical"
+    assert verdict(group_runs(warned)[0]).level == "unhealthy"
     row = summary_row(group_runs(recovered)[0])
     assert row["_live"] and row["final_knee_healthy"] == 0
     assert row["first_knee_healthy_epoch"] is None  # collapsed before reaching health

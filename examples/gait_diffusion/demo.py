@@ -76,21 +76,21 @@ def run_demo(out: Path, inject: str, nproc: int, epochs: int | None, extra: list
 
 
 def verdict(records: list[dict]) -> tuple[str, list[str]]:
-    """HEALTHY, HEALTHY WITH WARNINGS or UNHEALTHY, and printable lines on what fired.
+    """The report's verdict for the run (one definition: ``collector.report_model``), and
+    printable lines on what fired, with the guide's remedies."""
+    from collector.report import LEVEL_TEXT
+    from collector.report_model import group_runs
+    from collector.report_model import verdict as run_verdict
 
-    Unhealthy: a critical rule or one of the guide's diagnoses fired. Warnings alone
-    (a noisy epoch whose loss rose, say) leave the run healthy but are listed.
-    """
-    epochs = [r for r in records if r["type"] == "epoch"]
-    if not epochs:
-        return "UNHEALTHY", ["  no epoch reached the collector"]
+    runs = group_runs(records)
+    if not runs:
+        return "NO DATA", ["  nothing reached the collector"]
+    v = run_verdict(runs[0])
     fired: dict[str, dict] = {}
     for rec in records:
         for ev in rec.get("events", []):
             if ev.get("severity") != "info":
                 fired.setdefault(ev["rule"], ev | {"epoch": rec.get("epoch")})
-    diagnoses = sorted({k for e in epochs for k, v in e["metrics"].items()
-                        if k.startswith("diagnosis/") and v == 1})
     lines = []
     for rule, ev in sorted(fired.items(), key=lambda kv: (kv[1]["severity"] != "critical",
                                                           kv[1]["epoch"] or 0)):
@@ -98,12 +98,9 @@ def verdict(records: list[dict]) -> tuple[str, list[str]]:
                      f"{ev['message']}")
         if ev.get("remedy"):
             lines.append(f"      remedy: {ev['remedy']}")
-    critical = diagnoses or any(ev["severity"] == "critical" for ev in fired.values())
-    if diagnoses:
-        lines.append(f"  diagnoses: {', '.join(d.split('/', 1)[1] for d in diagnoses)}")
-    if critical:
-        return "UNHEALTHY", lines
-    return ("HEALTHY WITH WARNINGS" if fired else "HEALTHY"), lines
+    if v.active:
+        lines.append(f"  raised at the last epoch: {', '.join(v.active)}")
+    return LEVEL_TEXT[v.level].upper(), lines
 
 
 def main() -> int:
@@ -130,7 +127,7 @@ def main() -> int:
           f"knee healthy {summary.get('summary/final_knee_healthy')}, "
           f"grf healthy {summary.get('summary/final_grf_healthy')}; "
           f"messages dropped {summary.get('summary/dropped')}")
-    print(f"{state}{': no rule fired.' if state == 'HEALTHY' else ':'}")
+    print(f"{state}{': no rule fired.' if not lines else ':'}")
     for line in lines:
         print(line)
 
