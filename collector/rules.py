@@ -174,8 +174,8 @@ def check(c: Condition, values: dict[str, float], hist: History) -> Result | Non
 
 def format_value(v: Any) -> str:
     """Config values as people write them: 4e-4, 64, 0.5."""
-    if isinstance(v, bool) or not isinstance(v, int | float):
-        return str(v)
+    if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+        return str(v)  # an inf learning rate in a config is data too: "inf", no crash
     if float(v).is_integer() and abs(v) < 1e15:
         return str(int(v))
     if abs(v) < 1e-2 or abs(v) >= 1e5:

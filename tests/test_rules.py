@@ -324,3 +324,14 @@ def test_same_inputs_give_identical_output():
         return json.dumps(out)
 
     assert run() == run()
+
+
+def test_remedies_quote_non_finite_config_values_without_failing():
+    from collector.rules import format_value
+
+    assert [format_value(v) for v in (4e-4, 64, 0.5, float("inf"), float("nan"))] == [
+        "4e-4", "64", "0.5", "inf", "nan"]
+    h = RunHealth("inf-lr", load_profile(None))
+    h.on_config({"learning_rate": float("inf")})
+    ev = h.step_event(0, 3, float("nan"), None)  # a remedy that quotes learning_rate
+    assert ev is not None and "learning_rate is inf" in ev["remedy"]
