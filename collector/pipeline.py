@@ -27,14 +27,6 @@ __all__ = ["Pipeline", "replay"]
 
 _log = logging.getLogger("trainwatch.collector")
 _NOT_RULES = ("health/phase", "health/mode_collapse_score")
-_internal_errors = [0]
-
-
-def _log_internal(msg: wire.Message) -> None:
-    _internal_errors[0] += 1
-    if _internal_errors[0] <= 3 or _internal_errors[0] % 1000 == 0:
-        _log.exception("internal error on a %s message of run %s (%d so far)",
-                       wire.KINDS.get(msg.kind), msg.run, _internal_errors[0])
 
 
 class Pipeline:
@@ -80,7 +72,10 @@ class Pipeline:
             reason = self.state.accept(msg, frames)
         except Exception:  # a bug must not take the collector down: count it, go on
             reason = "internal_error"
-            _log_internal(msg)
+            n = self.rejected.get(reason, 0) + 1  # counted by _reject just below
+            if n <= 3 or n % 1000 == 0:
+                _log.exception("internal error on a %s message of run %s (%d so far)",
+                               wire.KINDS.get(msg.kind), msg.run, n)
         if reason is not None:
             self._reject(reason, msg.run)
             return False

@@ -192,11 +192,11 @@ class TrainerClient:
         f_vals: list[float] = []
         loss_is_tensor = isinstance(loss, tensor)
         if loss_is_tensor:
-            parts.append(loss if loss.dim() == 0 else _scalar(loss, "loss"))
+            parts.append(_scalar(loss, "loss"))
         if components:
             for name, value in components.items():
                 if isinstance(value, tensor):
-                    parts.append(value if value.dim() == 0 else _scalar(value, name))
+                    parts.append(_scalar(value, name))
                     t_names.append(str(name))
                 else:
                     f_names.append(str(name))
@@ -205,7 +205,7 @@ class TrainerClient:
         gn_float: float | None = None
         has_gn = isinstance(grad_norm, tensor)
         if has_gn:
-            parts.append(grad_norm if grad_norm.dim() == 0 else _scalar(grad_norm, "grad_norm"))
+            parts.append(_scalar(grad_norm, "grad_norm"))
         elif grad_norm is not None:
             gn_float = float(grad_norm)
         elif pn is not None:
@@ -368,6 +368,9 @@ def _step_body(spec: tuple, h: torch.Tensor | None) -> tuple:
 
 
 def _scalar(t: torch.Tensor, name: str) -> torch.Tensor:
+    """``t`` as a 0-d tensor (metadata only, no device work), or a clear error."""
+    if t.dim() == 0:
+        return t
     if t.numel() != 1:
         raise ValueError(f"log_step: {name} must be a scalar, got shape {tuple(t.shape)}")
     return t.reshape(())

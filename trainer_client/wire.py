@@ -196,10 +196,6 @@ def _tensors(specs: Any, frames: list, run: str) -> dict[str, Tensor]:
     return out
 
 
-def _is_num(v: Any) -> bool:
-    return type(v) is float or type(v) is int
-
-
 def _str_list(v: Any) -> bool:
     return type(v) is list and all(type(s) is str for s in v)
 
@@ -278,7 +274,8 @@ def _check_epoch(body: Any, tensors: dict, run: str) -> dict:
     body = _map(body, run)
     for key, n in (("weights", 5), ("ema", 2)):
         v = body.get(key)
-        if v is not None and not (type(v) is list and len(v) == n and all(map(_is_num, v))):
+        if v is not None and not (type(v) is list and len(v) == n
+                                  and _NUM_TYPES.issuperset(map(type, v))):
             raise DecodeError("bad_body", f"epoch {key}", run)
     names = body.get("param_names")
     if names is not None and not _str_list(names):
