@@ -9,7 +9,8 @@ File layout: an 8-byte magic, then records::
 msgpack frame: a decision the live collector made from the clock, e.g. closing an epoch
 after a timeout, so a replay makes the same decision). A record cut off by a crash ends
 the readable part; a record whose checksum fails is skipped, counted, and reading
-resumes at the next MARK.
+resumes at the next MARK. Reading scans the whole file in compiled code
+(``recordscan``); ingest packs its one-frame messages there too, byte for byte alike.
 
     with RecordWriter("run.twrec") as w:
         w.append(MESSAGE, frames)
@@ -26,6 +27,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 __all__ = ["CONTROL", "MESSAGE", "ReadStats", "RecordWriter", "read_records"]
 
 MAGIC = b"TWREC\x01\n\x00"
@@ -34,7 +37,6 @@ MESSAGE = 0
 CONTROL = 1
 _HEAD = struct.Struct("<4sII")  # MARK, body_len, crc32
 _BODY = struct.Struct("<BH")
-_LEN = struct.Struct("<I")
 _ONE = struct.Struct("<BHI")  # a one-frame body's head: type, 1, the frame's length
 MAX_BODY = 1 << 31
 
@@ -90,6 +92,14 @@ class RecordWriter:
         if self._buf_bytes >= self._limit:
             self.flush()
 
+    def append_packed(self, records: bytes | memoryview, count: int) -> None:
+        """``count`` records already packed (``recordscan.pack_messages``), in order."""
+        self._buf.append(records)
+        self._pending += count
+        self._buf_bytes += len(records)
+        if self._buf_bytes >= self._limit:
+            self.flush()
+
     def flush(self) -> None:
         if not self._buf:
             return
@@ -140,66 +150,51 @@ class ReadStats:
     truncated_bytes: int = 0  # an incomplete last record (a crash mid-write)
 
 
+def open_recording(path: str | Path, stats: ReadStats) -> np.ndarray | None:
+    """The file's bytes after the magic, or None for a file cut before its first record."""
+    raw = Path(path).read_bytes()
+    if len(raw) < len(MAGIC) and MAGIC.startswith(raw):
+        stats.truncated_bytes = len(raw)  # killed before the first record: empty, not junk
+        return None
+    if raw[:len(MAGIC)] != MAGIC:
+        raise ValueError(f"{path} is not a trainwatch recording (bad magic)")
+    return np.frombuffer(raw, np.uint8)
+
+
+def scan(raw: np.ndarray, stats: ReadStats, chunk: int = 1 << 16) -> Iterator[tuple]:
+    """The records' columns (``recordscan.scan_records``), ``chunk`` records at a time."""
+    from .recordscan import scan_records
+
+    pos = len(MAGIC)
+    while True:
+        cols = scan_records(raw, pos, chunk)
+        pos, corrupted, truncated = cols[6], cols[7], cols[8]
+        stats.records += len(cols[0])
+        stats.corrupted += corrupted
+        yield cols
+        if truncated >= 0:
+            stats.truncated_bytes = truncated
+            return
+
+
+def frames_of(raw: np.ndarray, body: int, n_frames: int, first: int) -> list[memoryview]:
+    """One record's frames, as views into the file's bytes."""
+    mv = memoryview(raw)
+    lens = struct.unpack_from(f"<{n_frames}I", mv, body + _BODY.size)
+    out = []
+    for ln in lens:
+        out.append(mv[first:first + ln])
+        first += ln
+    return out
+
+
 def read_records(path: str | Path, stats: ReadStats | None = None
                  ) -> Iterator[tuple[int, list[memoryview]]]:
     """Yield (type, frames) for every whole, intact record, in order."""
     st = stats if stats is not None else ReadStats()
-    raw = Path(path).read_bytes()
-    data = memoryview(raw)
-    if len(raw) < len(MAGIC) and MAGIC.startswith(raw):
-        st.truncated_bytes = len(raw)  # killed before the first record: empty, not junk
+    raw = open_recording(path, st)
+    if raw is None:
         return
-    if bytes(data[:len(MAGIC)]) != MAGIC:
-        raise ValueError(f"{path} is not a trainwatch recording (bad magic)")
-    pos, end = len(MAGIC), len(data)
-    unpack_head, unpack_body, crc32 = _HEAD.unpack_from, _BODY.unpack_from, zlib.crc32
-    unpack_len = _LEN.unpack_from
-    while pos < end:
-        if end - pos < _HEAD.size:
-            st.truncated_bytes = end - pos
-            return
-        mark, blen, crc = unpack_head(data, pos)
-        start = pos + _HEAD.size
-        if mark != MARK or blen < _BODY.size:
-            st.corrupted += 1
-            pos = _resync(raw, pos + 1)
-            continue
-        if start + blen > end:
-            # Either the tail of a crash or a corrupted length: resync tells them apart.
-            nxt = _resync(raw, pos + 1)
-            if nxt >= end:
-                st.truncated_bytes = end - pos
-                return
-            st.corrupted += 1
-            pos = nxt
-            continue
-        body = data[start:start + blen]
-        if crc32(body) != crc:
-            st.corrupted += 1
-            pos = _resync(raw, pos + 1)
-            continue
-        rtype, n = unpack_body(body, 0)
-        off = _BODY.size + 4 * n
-        if off > blen:
-            st.corrupted += 1
-            pos = _resync(raw, pos + 1)
-            continue
-        if n == 1:  # most messages: one header frame
-            frames = [body[off:]]
-            off = blen if unpack_len(body, _BODY.size)[0] == blen - off else -1
-        else:
-            frames = []
-            for ln in struct.unpack_from(f"<{n}I", body, _BODY.size):
-                frames.append(body[off:off + ln])
-                off += ln
-        pos = start + blen
-        if off != blen:
-            st.corrupted += 1
-            continue
-        st.records += 1
-        yield rtype, frames
-
-
-def _resync(raw: bytes, pos: int) -> int:
-    i = raw.find(MARK, pos)
-    return len(raw) if i < 0 else i
+    for rtype, body, _, nfr, first, _, *_ in scan(raw, st):
+        for i in range(len(rtype)):
+            yield int(rtype[i]), frames_of(raw, int(body[i]), int(nfr[i]), int(first[i]))

@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 
 import zmq
 
-from .pipeline import Pipeline
+from .pipeline import Batch, Pipeline
 
 __all__ = ["Collector", "check_binds"]
 
@@ -132,18 +132,18 @@ class Collector:
 
     def _drain(self, sock: zmq.Socket, limit: int | None = None) -> int:
         """Feed what is waiting (up to ``limit``) without blocking; flush the recording."""
-        feed, recv = self.pipeline.feed, sock.recv_multipart
-        n = 0
-        while limit is None or n < limit:
+        recv, batch = sock.recv_multipart, []
+        append = batch.append
+        while limit is None or len(batch) < limit:
             try:
-                frames = recv(zmq.NOBLOCK)
+                append(recv(zmq.NOBLOCK))
             except zmq.Again:
                 break
-            feed(frames)
-            n += 1
-        if n and self.pipeline.recorder is not None:
-            self.pipeline.recorder.flush()
-        return n
+        if batch:
+            self.pipeline.feed_batch(Batch.of(batch))
+            if self.pipeline.recorder is not None:
+                self.pipeline.recorder.flush()
+        return len(batch)
 
     def _tell_unrecorded(self, final: bool = False, every_s: float = 30.0) -> None:
         """What the recording lost, in the log: all a --no-view collector shows."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -21,6 +21,7 @@ from trainer_client import wire
 from .health import RunHealth
 from .inputs import DataConstants, EpochInput, StepSeries, ValidationInput
 from .profile import Profile
+from .stepscan import Steps, gather_pnorms, gather_rows, stream_key
 from .tracking import RankCounters
 
 Emit = Callable[[dict], None]
@@ -36,7 +37,8 @@ class StepColumns:
     no garbage-collection time; keeping a tuple or list per step would (quadratically).
     """
 
-    __slots__ = ("step", "loss", "grad_norm", "comp_values", "comp_segments", "pnorms")
+    __slots__ = ("step", "loss", "grad_norm", "comp_values", "comp_segments", "pnorms",
+                 "pn_blocks")
 
     def __init__(self) -> None:
         self.step: list[int] = []
@@ -45,6 +47,7 @@ class StepColumns:
         self.comp_values: list[float] = []  # flat, row by row
         self.comp_segments: list = []  # [first_row, names] each time the names change
         self.pnorms: dict[int, bytes] = {}  # row -> float32 bytes
+        self.pn_blocks: list[tuple[np.ndarray, np.ndarray]] = []  # (rows, float32 matrix)
 
     def add(self, msg: wire.Message) -> None:
         loss, gn, names, values = msg.body
@@ -59,6 +62,31 @@ class StepColumns:
         pn = msg.tensors.get("param_norms") if msg.tensors else None
         if pn is not None:
             self.pnorms[row] = bytes(pn.data)
+
+    def extend(self, s: Steps, rows: np.ndarray, names: list[list[str]], name_ids: np.ndarray,
+               buf: np.ndarray) -> None:
+        """Append a batch's fast step rows (``stepscan``) at once; same result as ``add``."""
+        row0 = len(self.loss)
+        self.step.extend(s.ints[rows, 4].tolist())
+        self.loss.extend(s.floats[rows, 1].tolist())
+        self.grad_norm.extend(s.floats[rows, 2].tolist())
+        segs = self.comp_segments
+        for p in [0, *(np.flatnonzero(np.diff(name_ids)) + 1).tolist()]:
+            nm = names[name_ids[p]]
+            if not segs or nm != segs[-1][1]:
+                segs.append([row0 + p, nm])
+        self.comp_values.extend(gather_rows(s.comps, s.comp_at, rows).tolist())
+        width = s.pn_at[rows, 1]
+        has = np.flatnonzero(width >= 0)
+        if not len(has):
+            return
+        if (width[has] == width[has[0]]).all():
+            self.pn_blocks.append((row0 + has, gather_pnorms(buf, s.pn_at, rows[has],
+                                                             int(width[has[0]]))))
+            return
+        for j in has.tolist():  # mixed widths in one batch: rare, row by row
+            o = int(s.pn_at[rows[j], 0])
+            self.pnorms[row0 + j] = buf[o:o + 4 * int(width[j])].tobytes()
 
     def series(self) -> StepSeries:
         n = len(self.loss)
@@ -77,11 +105,14 @@ class StepColumns:
                     arr = comps[name] = np.full(n, np.nan)
                 arr[start:stop] = block[:, j]
         pn = None
-        widths = {len(b) for b in self.pnorms.values()}
+        widths = {len(b) // 4 for b in self.pnorms.values()}
+        widths.update(m.shape[1] for _, m in self.pn_blocks)
         if len(widths) == 1:
-            pn = np.full((n, widths.pop() // 4), np.nan, dtype=np.float32)
+            pn = np.full((n, widths.pop()), np.nan, dtype=np.float32)
             for row, b in self.pnorms.items():
                 pn[row] = np.frombuffer(b, np.float32)
+            for rows, m in self.pn_blocks:
+                pn[rows] = m
         return StepSeries(np.asarray(self.step, dtype=np.int64),
                           np.asarray(self.loss, dtype=np.float64),
                           np.asarray(self.grad_norm, dtype=np.float64), comps, pn)
@@ -91,14 +122,24 @@ _NAN = float("nan")
 
 
 class RankState:
-    __slots__ = ("counters", "open_steps", "last_epoch", "finished", "host")
+    __slots__ = ("counters", "open_steps", "last_epoch", "finished", "host", "rank")
 
-    def __init__(self) -> None:
+    def __init__(self, rank: int) -> None:
+        self.rank = rank
         self.counters = RankCounters()
         self.open_steps = StepColumns()
         self.last_epoch = -1
         self.finished = False
         self.host = ""
+
+
+class Stream(NamedTuple):
+    """A client instance of a rank, as the bulk step path finds it by its key."""
+
+    run: RunState
+    rank: RankState
+    instance: int
+    run_bytes: bytes
 
 
 class RunState:
@@ -131,6 +172,7 @@ class State:
         self.profile = profile
         self.emit = emit
         self.runs: dict[str, RunState] = {}
+        self.streams: dict[int, Stream] = {}  # stream key -> stream, for ``accept_steps``
         self.before_apply: Callable[[list | None], None] | None = None
 
     # -- messages ------------------------------------------------------------------
@@ -143,9 +185,11 @@ class State:
         """
         run = self.runs.get(msg.run)
         rank = run.ranks.get(msg.rank) if run is not None else None
+        fresh = rank is None
         if rank is not None:
             counters = rank.counters
             if msg.instance != counters.instance:
+                fresh = True
                 rank.last_epoch = -1
                 rank.open_steps = StepColumns()
                 rank.finished = False
@@ -166,11 +210,37 @@ class State:
         elif msg.world_size > run.world_size:
             run.world_size = msg.world_size
         if rank is None:
-            rank = run.ranks[msg.rank] = RankState()
+            rank = run.ranks[msg.rank] = RankState(msg.rank)
             rank.counters.admit(msg.instance, msg.seq)
+        if fresh:
+            self._register(run, rank, msg.instance)
         rank.counters.count(msg.kind, msg.seq, msg.dropped, msg.wall_time)
         self._apply(run, rank, msg)
         return None
+
+    def _register(self, run: RunState, rank: RankState, instance: int) -> None:
+        self.streams[stream_key(run.run, rank.rank, instance)] = Stream(
+            run, rank, instance, run.run.encode())
+
+    def stream(self, key: int, run_bytes: bytes) -> Stream | None:
+        """The live stream behind a bulk step key, or None (then the message goes alone)."""
+        st = self.streams.get(key)
+        if st is None or st.rank.counters.instance != st.instance or st.run_bytes != run_bytes:
+            return None
+        return st
+
+    def accept_steps(self, st: Stream, s: Steps, rows: np.ndarray, names: list[list[str]],
+                     name_ids: np.ndarray, buf: np.ndarray) -> None:
+        """Apply one stream's admitted fast steps of a batch (``before_apply`` already ran):
+        what ``accept`` does for each, at once."""
+        run, rank = st.run, st.rank
+        world = int(s.ints[rows, 1].max())
+        if world > run.world_size:
+            run.world_size = world
+        last = rows[-1]
+        rank.counters.count_many(wire.KIND_STEP, len(rows), int(s.ints[last, 3]),
+                                 int(s.ints[rows, 6].max()), float(s.floats[last, 0]))
+        rank.open_steps.extend(s, rows, names, name_ids, buf)
 
     def _apply(self, run: RunState, rank: RankState, msg: wire.Message) -> None:
         kind = msg.kind

@@ -58,6 +58,17 @@ class RankCounters:
         if dropped > self._dropped:
             self._dropped = dropped
 
+    def count_many(self, kind: int, n: int, last_seq: int, max_dropped: int,
+                   last_wall: float) -> None:
+        """``count`` for ``n`` admitted messages of one kind at once (not the first ones)."""
+        self.messages += n
+        self.by_kind[kind] += n
+        self._unique += n
+        self.last_seq = last_seq
+        self.last_time = last_wall
+        if max_dropped > self._dropped:
+            self._dropped = max_dropped
+
     @property
     def seq_gaps(self) -> int:
         return self._done_gaps + self.last_seq + 1 - self._unique

@@ -33,8 +33,62 @@ def test_step_round_trip_with_raw_tensor():
 
 
 def test_header_is_a_positional_array_not_a_map():
-    head = msgpack.unpackb(wire.encode(_header(), [])[0])
+    head = msgpack.unpackb(wire.encode(_header(wire.KIND_EPOCH, {}), [])[0])
     assert isinstance(head, list) and head[0] == wire.VERSION
+
+
+def test_a_step_is_one_binary_frame_and_reads_like_the_msgpack_layout():
+    pn = wire.Tensor("param_norms", "float32", (3,), np.arange(3, dtype=np.float32).tobytes())
+    h = _header(body=[0.5, None, ["simple", "vélo"], [0.25, float("inf")]])
+    frames = wire.encode(h, [pn])
+    assert len(frames) == 1 and frames[0][0] == wire.STEP_MAGIC
+    binary = wire.decode(frames)
+    legacy = wire.decode(_frames(h, [["param_norms", "float32", [3]]], [pn.data]))
+    assert binary[:11] == legacy[:11]
+    assert binary.body == [0.5, None, ["simple", "vélo"], [0.25, float("inf")]]
+    assert bytes(binary.tensors["param_norms"].data) == pn.data
+    no_pn = wire.decode(wire.encode(h, []))
+    assert no_pn.tensors == {} and no_pn.body[1] is None
+
+
+def _step_frame(**kw):
+    return bytearray(wire.encode(_header(**kw), [])[0])
+
+
+def _patch(frame, field, value):
+    """``frame`` with one fixed field of the binary step layout replaced."""
+    fields = list(wire.STEP_LAYOUT.unpack_from(frame))
+    fields[field] = value
+    wire.STEP_LAYOUT.pack_into(frame, 0, *fields)
+    return bytes(frame)
+
+
+@pytest.mark.parametrize("field,value,reason", [
+    (1, 0x54, "bad_kind"),
+    (2, 9, "bad_version"),
+    (3, 4, "size_mismatch"),  # an unknown flag
+    (5, 3, "size_mismatch"),  # more components than the frame holds
+    (4, 0, "bad_field"),  # an empty run... and so the lengths no longer add up either
+    (8, 2, "bad_field"),  # rank == world
+    (9, (1 << 20) + 1, "bad_field"),  # world too large
+    (11, 1 << 63, "bad_field"),  # a seq that does not fit int64
+    (15, float("nan"), "bad_field"),  # wall time
+])
+def test_malformed_binary_steps_are_rejected_with_reasons(field, value, reason):
+    frame = _patch(_step_frame(), field, value)
+    got = _bad([frame])
+    assert got == reason or (field == 4 and got == "size_mismatch")
+
+
+def test_binary_step_framing_errors():
+    frame = bytes(_step_frame())
+    assert _bad([frame[:40]]) == "bad_header"  # shorter than the fixed part
+    assert _bad([frame, b"extra"]) == "bad_header"  # a step is one frame
+    assert _bad([frame[:-1]]) == "size_mismatch"
+    bad_utf8 = bytes(_step_frame(run="r\u00e9"))
+    assert _bad([bad_utf8.replace("é".encode(), b"\xff\xfe")]) == "bad_field"
+    # NaN and Inf losses are data, not junk: the rules report them
+    assert np.isnan(wire.decode([bytes(_step_frame(body=[float("nan"), None, [], []]))]).body[0])
 
 
 def test_wire_imports_without_torch():
@@ -73,7 +127,7 @@ def test_malformed_headers_are_rejected_with_reasons(mutate, reason):
 
 def test_junk_and_version_and_size_mismatches():
     assert _bad([]) == "empty"
-    assert _bad([b"\xc1\xc1garbage"]) == "bad_msgpack"
+    assert _bad([b"\x91\xc1garbage"]) == "bad_msgpack"
     assert _bad([msgpack.packb({"a": 1})]) == "bad_header"
     assert _bad([msgpack.packb([2, *_header(), []])]) == "bad_version"
     # declared 4 float32 = 16 bytes, frame has 12
@@ -82,6 +136,10 @@ def test_junk_and_version_and_size_mismatches():
     # a huge declared shape cannot allocate anything: it simply does not match
     assert _bad(_frames(_header(), [["param_norms", "float32", [1 << 40, 1 << 40]]],
                         [b"\0" * 8])) == "size_mismatch"
+    # ... and an empty one whose other dims no array could have is refused, not reshaped
+    assert _bad(_frames(_header(kind=wire.KIND_VALIDATION, body={}),
+                        [["samples", "float32", [1 << 40, 1 << 40, 0, 1]]], [b""])) == \
+        "bad_tensors"
     assert _bad(_frames(_header(), [["x", "complex64", [1]]], [b"\0" * 8])) == "bad_tensors"
     assert _bad(_frames(_header(), [], [b"extra"])) == "bad_tensors"
     # an ext type (msgpack's timestamp) is never turned into an object we trust

@@ -1,0 +1,231 @@
+"""Bulk parsing of binary step frames: the ingest and replay fast path, in numba.
+
+A batch is many messages laid end to end in one byte buffer (``buf``; message ``i`` is
+``buf[offs[i]:offs[i] + lens[i]]``, its first frame; ``nfr[i]`` frames in all). One call
+reads every step frame's fields into columns. A message is marked ``fast`` only if it is
+a well-formed binary step that ``wire.decode`` would accept with the same values *and*
+that needs nothing but appending (finite loss and gradient norm: a non-finite one raises
+an event on its own). Everything else goes through the per-message path, which decides
+and explains.
+
+Streams (one client instance of one rank of one run) are told apart by a 64-bit FNV-1a
+key of (run, rank, instance); the collector checks the run's bytes against the stream it
+registered from a decoded message before trusting a key.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+from numba import njit
+
+from trainer_client import wire
+
+__all__ = ["Steps", "admit", "gather_rows", "parse_steps", "stream_key"]
+
+_FIXED = wire.STEP_LAYOUT.size
+_FNV_OFFSET = np.uint64(0xCBF29CE484222325)
+_FNV_PRIME = np.uint64(0x100000001B3)
+
+
+class Steps(NamedTuple):
+    """Columns for a batch; rows of messages that are not ``fast`` hold nothing useful."""
+
+    fast: np.ndarray  # bool
+    ints: np.ndarray  # (n, 7) int64: rank, world, instance, seq, step, epoch, dropped
+    floats: np.ndarray  # (n, 3) float64: wall, loss, grad_norm (NaN when absent)
+    key: np.ndarray  # uint64 stream key
+    names_key: np.ndarray  # uint64 key of the names region
+    names_at: np.ndarray  # (n, 2) int64: offset, length of the names region in buf
+    run_at: np.ndarray  # (n, 2) int64: offset, length of the run in buf
+    comp_at: np.ndarray  # (n, 2) int64: offset of the values in ``comps``, count
+    comps: np.ndarray  # float64, every fast message's component values in order
+    pn_at: np.ndarray  # (n, 2) int64: offset (in buf), count of float32 param norms (-1: none)
+
+
+@njit(cache=True, inline="always")
+def _u(buf: np.ndarray, o: int, n: int) -> int:
+    """A little-endian unsigned field as int64 (callers check the top bit of 8-byte ones)."""
+    v = np.int64(0)
+    for k in range(n):
+        v |= np.int64(buf[o + k]) << np.int64(8 * k)
+    return v
+
+
+@njit(cache=True, inline="always")
+def _f(buf: np.ndarray, o: int, scratch: np.ndarray) -> float:
+    for k in range(8):
+        scratch[k] = buf[o + k]
+    return scratch.view(np.float64)[0]
+
+
+@njit(cache=True, inline="always")
+def _fnv(h: np.uint64, buf: np.ndarray, o: int, n: int) -> np.uint64:
+    for k in range(n):
+        h = (h ^ np.uint64(buf[o + k])) * _FNV_PRIME
+    return h
+
+
+@njit(cache=True, inline="always")
+def _fnv_int(h: np.uint64, v: np.uint64) -> np.uint64:
+    for k in range(8):
+        h = (h ^ ((v >> np.uint64(8 * k)) & np.uint64(0xFF))) * _FNV_PRIME
+    return h
+
+
+@njit(cache=True)
+def _key(run: np.ndarray, o: int, n: int, rank: int, instance: int) -> np.uint64:
+    return _fnv_int(_fnv_int(_fnv(_FNV_OFFSET, run, o, n), np.uint64(rank)),
+                    np.uint64(instance))
+
+
+def stream_key(run: str, rank: int, instance: int) -> int:
+    """The key ``parse_steps`` gives a (run, rank, instance) stream."""
+    raw = np.frombuffer(run.encode(), np.uint8)
+    return int(_key(raw, 0, len(raw), rank, instance))
+
+
+@njit(cache=True)
+def _parse(buf, offs, lens, nfr, max_world, max_run):  # noqa: ANN001, ANN202 - numba
+    n = len(offs)
+    fast = np.zeros(n, np.bool_)
+    ints = np.zeros((n, 7), np.int64)
+    floats = np.zeros((n, 3), np.float64)
+    key = np.zeros(n, np.uint64)
+    names_key = np.zeros(n, np.uint64)
+    names_at = np.zeros((n, 2), np.int64)
+    run_at = np.zeros((n, 2), np.int64)
+    comp_at = np.zeros((n, 2), np.int64)
+    pn_at = np.zeros((n, 2), np.int64)
+    total = 0
+    for i in range(n):
+        if nfr[i] == 1 and lens[i] >= _FIXED and buf[offs[i]] == 0xC1:
+            total += min(_u(buf, offs[i] + 6, 2), (lens[i] - _FIXED) // 8)  # bounded by size
+    comps = np.empty(total, np.float64)
+    scratch = np.empty(8, np.uint8)
+    c = 0
+    for i in range(n):
+        o, size = offs[i], lens[i]
+        if nfr[i] != 1 or size < _FIXED or buf[o] != 0xC1 or buf[o + 1] != 0x53 \
+                or buf[o + 2] != 1:
+            continue
+        flags = buf[o + 3]
+        run_len = _u(buf, o + 4, 2)
+        n_comp = _u(buf, o + 6, 2)
+        names_len = _u(buf, o + 8, 4)
+        n_pn = _u(buf, o + 12, 4)
+        rank = _u(buf, o + 16, 4)
+        world = _u(buf, o + 20, 4)
+        if flags & 0xFC or (n_pn > 0 and not flags & 2):
+            continue
+        if _FIXED + 8 * n_comp + 4 * n_pn + run_len + names_len != size:
+            continue
+        if run_len == 0 or run_len > max_run or not rank < world <= max_world:
+            continue
+        bad = False
+        for k in range(5):
+            if buf[o + 31 + 8 * k] & 0x80:  # >= 2**63
+                bad = True
+            ints[i, 2 + k] = _u(buf, o + 24 + 8 * k, 8)
+        wall = _f(buf, o + 64, scratch)
+        loss = _f(buf, o + 72, scratch)
+        gn = _f(buf, o + 80, scratch) if flags & 1 else np.nan
+        if bad or not np.isfinite(wall) or not np.isfinite(loss) \
+                or (flags & 1 and not np.isfinite(gn)):
+            continue
+        # The names region must be exactly n_comp (u16 length, bytes) entries.
+        r0 = o + _FIXED + 8 * n_comp + 4 * n_pn
+        p = r0 + run_len
+        end = o + size
+        for _ in range(n_comp):
+            if p + 2 > end:
+                bad = True
+                break
+            p += 2 + _u(buf, p, 2)
+        if bad or p != end:
+            continue
+        fast[i] = True
+        ints[i, 0] = rank
+        ints[i, 1] = world
+        floats[i, 0] = wall
+        floats[i, 1] = loss
+        floats[i, 2] = gn
+        run_at[i, 0] = r0
+        run_at[i, 1] = run_len
+        names_at[i, 0] = r0 + run_len
+        names_at[i, 1] = names_len
+        key[i] = _key(buf, r0, run_len, rank, ints[i, 2])
+        names_key[i] = _fnv_int(_fnv(_FNV_OFFSET, buf, r0 + run_len, names_len),
+                                np.uint64(n_comp))
+        comp_at[i, 0] = c
+        comp_at[i, 1] = n_comp
+        for k in range(n_comp):
+            comps[c] = _f(buf, o + _FIXED + 8 * k, scratch)
+            c += 1
+        pn_at[i, 0] = o + _FIXED + 8 * n_comp
+        pn_at[i, 1] = n_pn if flags & 2 else -1
+    return fast, ints, floats, key, names_key, names_at, run_at, comp_at, comps[:c], pn_at
+
+
+def parse_steps(buf: np.ndarray, offs: np.ndarray, lens: np.ndarray, nfr: np.ndarray
+                ) -> Steps:
+    """Read every binary step frame of a batch (see the module's docstring)."""
+    return Steps(*_parse(buf, offs, lens, nfr, wire.MAX_WORLD, wire.MAX_RUN_LEN))
+
+
+@njit(cache=True)
+def admit(stream: np.ndarray, seq: np.ndarray, last_seq: np.ndarray) -> int:
+    """Sequence numbers must rise per stream: the count of leading messages that do.
+
+    ``last_seq`` (per stream) is advanced over exactly those messages.
+    """
+    for i in range(len(stream)):
+        s = stream[i]
+        if seq[i] <= last_seq[s]:
+            return i
+        last_seq[s] = seq[i]
+    return len(stream)
+
+
+@njit(cache=True)
+def gather_rows(src: np.ndarray, at: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Concatenate ``src[at[r, 0]:at[r, 0] + at[r, 1]]`` for ``r`` in ``rows``."""
+    total = 0
+    for r in rows:
+        total += at[r, 1]
+    out = np.empty(total, src.dtype)
+    c = 0
+    for r in rows:
+        for k in range(at[r, 1]):
+            out[c] = src[at[r, 0] + k]
+            c += 1
+    return out
+
+
+@njit(cache=True)
+def gather_pnorms(buf: np.ndarray, at: np.ndarray, rows: np.ndarray, width: int) -> np.ndarray:
+    """The rows' float32 param norms as a (len(rows), width) matrix (all of that width)."""
+    out = np.empty((len(rows), width), np.float32)
+    raw = out.reshape(-1).view(np.uint8)
+    for j in range(len(rows)):
+        o = at[rows[j], 0]
+        for k in range(4 * width):
+            raw[4 * width * j + k] = buf[o + k]
+    return out
+
+
+def warm_up() -> None:
+    """Compile (or load) the kernels for the types ingest uses."""
+    from trainer_client import wire as w
+
+    h = w.Header(w.KIND_STEP, "w", 0, 1, 1, 1, 1, 0, 0.0, 0, [0.5, 1.0, ["a"], [0.1]])
+    frame = w.encode_step(h, [w.Tensor("param_norms", "float32", (1,), b"\0\0\0\0")])
+    buf = np.frombuffer(frame, np.uint8)
+    z = np.zeros(1, np.int64)
+    s = parse_steps(buf, z, np.array([len(frame)], np.int64), np.ones(1, np.int64))
+    rows = np.zeros(1, np.int64)
+    admit(z, s.ints[:, 3], np.full(1, -1, np.int64))
+    gather_rows(s.comps, s.comp_at, rows)
+    gather_pnorms(buf, s.pn_at, rows, 1)
+    stream_key("w", 0, 1)
