@@ -5,7 +5,8 @@
    (c) the synchronous way: ``.item()`` on loss, terms and norm, then ``wandb.log``
    (offline), (d) ``torch.utils.tensorboard`` ``add_scalars``. Configurations are
    interleaved in rounds so drift on a shared machine hits them alike.
-2. Collector ingest from 4 sender processes vs bare pyzmq PUSH->PULL of the same messages.
+2. Collector ingest from 4 sender processes vs bare pyzmq PUSH->PULL of the same messages
+   (``recv_multipart``; and the collector's zero-copy receive alone, for transparency).
 3. Replay rate of the recording made in 2 (one core).
 4. numba kernels vs numpy on 1e7 values.
 
@@ -159,8 +160,17 @@ def _push(endpoint: str, rank: int, n: int) -> None:
     ctx.term()
 
 
-def _receive(endpoint: str, total: int, pipeline: object | None) -> float:
+def _receive(endpoint: str, total: int, pipeline: object | None, frames: bool = False
+             ) -> float:
+    """Messages per second through one PULL socket fed by 4 sender processes.
+
+    No pipeline: the bare pyzmq loop (``recv_multipart``), or with ``frames`` the
+    collector's own zero-copy receive without any processing. With a pipeline: the
+    collector's drain (receive, bulk parse, record, state).
+    """
     import zmq
+
+    from collector.server import DRAIN_LIMIT, Collector, receive
 
     ctx = zmq.Context()
     s = ctx.socket(zmq.PULL)
@@ -174,18 +184,20 @@ def _receive(endpoint: str, total: int, pipeline: object | None) -> float:
     first = recv()
     t0 = time.perf_counter()
     n = 1
-    if pipeline is None:
+    if pipeline is None and not frames:
         while n < total:
             recv()
             n += 1
+    elif pipeline is None:
+        while n < total:
+            if s.poll(1000):
+                n += len(receive(s, 500))
     else:
-        from collector.server import Collector
-
         col = Collector([endpoint], pipeline)
         pipeline.feed(first)
         while n < total:
             if s.poll(1000):
-                n += col._drain(s, 5000)
+                n += col._drain(s, DRAIN_LIMIT)
     dt = time.perf_counter() - t0
     for p in procs:
         p.join()
@@ -194,21 +206,27 @@ def _receive(endpoint: str, total: int, pipeline: object | None) -> float:
     return (total - 1) / dt
 
 
-def bench_ingest(tmp: Path, total: int = 200_000) -> dict:
+def bench_ingest(tmp: Path, total: int = 200_000, rounds: int = 3) -> dict:
+    """Rounds of (bare, bare zero-copy, collector), interleaved so drift hits all alike."""
     from collector.pipeline import Pipeline
     from collector.profile import load_profile
     from collector.recording import RecordWriter
 
-    bare = [_receive(f"ipc://{tmp}/bare{i}.sock", total, None) for i in range(2)]
     rec = tmp / "ingest.twrec"
-    rates = []
-    for i in range(2):
+    bare, frames, col = [], [], []
+    for i in range(rounds):
+        bare.append(_receive(f"ipc://{tmp}/bare{i}.sock", total, None))
+        frames.append(_receive(f"ipc://{tmp}/frames{i}.sock", total, None, frames=True))
         rec.unlink(missing_ok=True)
         pipe = Pipeline(load_profile(None), recorder=RecordWriter(rec))
-        rates.append(_receive(f"ipc://{tmp}/col{i}.sock", total, pipe))
+        pipe.warm_up()
+        col.append(_receive(f"ipc://{tmp}/col{i}.sock", total, pipe))
         pipe.finish()
-    return {"bare_zmq_msgs_per_s": max(bare), "collector_msgs_per_s": max(rates),
-            "collector_over_bare_zmq": max(rates) / max(bare), "_recording": str(rec)}
+    return {"bare_zmq_msgs_per_s": max(bare), "bare_zmq_zero_copy_msgs_per_s": max(frames),
+            "collector_msgs_per_s": max(col), "collector_over_bare_zmq": max(col) / max(bare),
+            "collector_over_bare_zmq_round_median": statistics.median(
+                c / b for c, b in zip(col, bare, strict=True)),
+            "collector_over_bare_zero_copy": max(col) / max(frames), "_recording": str(rec)}
 
 
 # -- 3. replay -----------------------------------------------------------------------------

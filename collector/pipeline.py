@@ -49,14 +49,16 @@ class Batch(NamedTuple):
 
     @classmethod
     def of(cls, messages: list[list]) -> Batch:
-        """A batch of multipart messages as they came off a socket."""
+        """A batch of multipart messages as they came off a socket (frames: bytes or any
+        buffer, e.g. zero-copy ``zmq.Frame``; the per-message path gets bytes)."""
         heads = [m[0] if m else b"" for m in messages]
         n = len(heads)
         lens = np.fromiter(map(len, heads), np.int64, n)
         offs = np.zeros(n, np.int64)
         np.cumsum(lens[:-1], out=offs[1:])
         return cls(np.frombuffer(b"".join(heads), np.uint8), offs, lens,
-                   np.fromiter(map(len, messages), np.int64, n), messages.__getitem__)
+                   np.fromiter(map(len, messages), np.int64, n),
+                   lambda i: [f if type(f) is bytes else bytes(f) for f in messages[i]])
 
 _log = logging.getLogger("trainwatch.collector")
 MIN_RUN = 8  # fast steps in a row worth a bulk pass (one costs ~20 us of numpy calls)

@@ -33,25 +33,30 @@ _NP_DTYPES = {"float16": np.float16, "bfloat16": np.uint16, "float32": np.float3
 class StepColumns:
     """One rank's open epoch, column by column.
 
-    Floats and ints are not tracked by Python's cycle collector, so a long epoch costs
-    no garbage-collection time; keeping a tuple or list per step would (quadratically).
+    Rows from the bulk path arrive as numpy blocks; rows from the per-message path wait
+    in lists and are sealed into a block before the next bulk append, so blocks stay in
+    row order. Floats, ints and arrays are not tracked by Python's cycle collector, so a
+    long epoch costs no garbage-collection time; a tuple or list per step would
+    (quadratically).
     """
 
-    __slots__ = ("step", "loss", "grad_norm", "comp_values", "comp_segments", "pnorms",
-                 "pn_blocks")
+    __slots__ = ("step", "loss", "grad_norm", "comp_values", "blocks", "sealed",
+                 "comp_segments", "pnorms", "pn_blocks")
 
     def __init__(self) -> None:
         self.step: list[int] = []
         self.loss: list[float] = []
         self.grad_norm: list[float] = []
         self.comp_values: list[float] = []  # flat, row by row
+        self.blocks: list[tuple[np.ndarray, ...]] = []  # (step, loss, grad_norm, comps)
+        self.sealed = 0  # rows in blocks
         self.comp_segments: list = []  # [first_row, names] each time the names change
         self.pnorms: dict[int, bytes] = {}  # row -> float32 bytes
         self.pn_blocks: list[tuple[np.ndarray, np.ndarray]] = []  # (rows, float32 matrix)
 
     def add(self, msg: wire.Message) -> None:
         loss, gn, names, values = msg.body
-        row = len(self.loss)
+        row = self.sealed + len(self.loss)
         self.step.append(msg.step)
         self.loss.append(loss)
         self.grad_norm.append(_NAN if gn is None else gn)
@@ -63,19 +68,27 @@ class StepColumns:
         if pn is not None:
             self.pnorms[row] = bytes(pn.data)
 
+    def _seal(self) -> None:
+        if self.loss:
+            self.blocks.append((np.asarray(self.step, np.int64), np.asarray(self.loss, np.float64),
+                                np.asarray(self.grad_norm, np.float64),
+                                np.asarray(self.comp_values, np.float64)))
+            self.sealed += len(self.loss)
+            self.step, self.loss, self.grad_norm, self.comp_values = [], [], [], []
+
     def extend(self, s: Steps, rows: np.ndarray, names: list[list[str]], name_ids: np.ndarray,
                buf: np.ndarray) -> None:
         """Append a batch's fast step rows (``stepscan``) at once; same result as ``add``."""
-        row0 = len(self.loss)
-        self.step.extend(s.ints[rows, 4].tolist())
-        self.loss.extend(s.floats[rows, 1].tolist())
-        self.grad_norm.extend(s.floats[rows, 2].tolist())
+        self._seal()
+        row0 = self.sealed
+        self.blocks.append((s.ints[rows, 4], s.floats[rows, 1], s.floats[rows, 2],
+                            gather_rows(s.comps, s.comp_at, rows)))
+        self.sealed += len(rows)
         segs = self.comp_segments
         for p in [0, *(np.flatnonzero(np.diff(name_ids)) + 1).tolist()]:
             nm = names[name_ids[p]]
             if not segs or nm != segs[-1][1]:
                 segs.append([row0 + p, nm])
-        self.comp_values.extend(gather_rows(s.comps, s.comp_at, rows).tolist())
         width = s.pn_at[rows, 1]
         has = np.flatnonzero(width >= 0)
         if not len(has):
@@ -89,9 +102,12 @@ class StepColumns:
             self.pnorms[row0 + j] = buf[o:o + 4 * int(width[j])].tobytes()
 
     def series(self) -> StepSeries:
-        n = len(self.loss)
+        self._seal()
+        n = self.sealed
+        cols = [np.concatenate([b[k] for b in self.blocks]) if self.blocks
+                else np.empty(0, np.int64 if k == 0 else np.float64) for k in range(4)]
         comps: dict[str, np.ndarray] = {}
-        flat = np.asarray(self.comp_values, dtype=np.float64)
+        flat = cols[3]
         # one bound per segment; an epoch with no steps has no segment
         bounds = [seg[0] for seg in self.comp_segments[1:]] + [n] if self.comp_segments else []
         off = 0
@@ -113,9 +129,7 @@ class StepColumns:
                 pn[row] = np.frombuffer(b, np.float32)
             for rows, m in self.pn_blocks:
                 pn[rows] = m
-        return StepSeries(np.asarray(self.step, dtype=np.int64),
-                          np.asarray(self.loss, dtype=np.float64),
-                          np.asarray(self.grad_norm, dtype=np.float64), comps, pn)
+        return StepSeries(cols[0], cols[1], cols[2], comps, pn)
 
 
 _NAN = float("nan")

@@ -54,10 +54,11 @@ def _u(buf: np.ndarray, o: int, n: int) -> int:
 
 
 @njit(cache=True, inline="always")
-def _f(buf: np.ndarray, o: int, scratch: np.ndarray) -> float:
+def _f(buf: np.ndarray, o: int, scratch: np.ndarray, as_f64: np.ndarray) -> float:
+    """A float64 at any (unaligned) offset: copy its bytes under a float64 view."""
     for k in range(8):
         scratch[k] = buf[o + k]
-    return scratch.view(np.float64)[0]
+    return as_f64[0]
 
 
 @njit(cache=True, inline="always")
@@ -104,6 +105,7 @@ def _parse(buf, offs, lens, nfr, max_world, max_run):  # noqa: ANN001, ANN202 - 
             total += min(_u(buf, offs[i] + 6, 2), (lens[i] - _FIXED) // 8)  # bounded by size
     comps = np.empty(total, np.float64)
     scratch = np.empty(8, np.uint8)
+    as_f64 = scratch.view(np.float64)
     c = 0
     for i in range(n):
         o, size = offs[i], lens[i]
@@ -128,9 +130,9 @@ def _parse(buf, offs, lens, nfr, max_world, max_run):  # noqa: ANN001, ANN202 - 
             if buf[o + 31 + 8 * k] & 0x80:  # >= 2**63
                 bad = True
             ints[i, 2 + k] = _u(buf, o + 24 + 8 * k, 8)
-        wall = _f(buf, o + 64, scratch)
-        loss = _f(buf, o + 72, scratch)
-        gn = _f(buf, o + 80, scratch) if flags & 1 else np.nan
+        wall = _f(buf, o + 64, scratch, as_f64)
+        loss = _f(buf, o + 72, scratch, as_f64)
+        gn = _f(buf, o + 80, scratch, as_f64) if flags & 1 else np.nan
         if bad or not np.isfinite(wall) or not np.isfinite(loss) \
                 or (flags & 1 and not np.isfinite(gn)):
             continue
@@ -161,7 +163,7 @@ def _parse(buf, offs, lens, nfr, max_world, max_run):  # noqa: ANN001, ANN202 - 
         comp_at[i, 0] = c
         comp_at[i, 1] = n_comp
         for k in range(n_comp):
-            comps[c] = _f(buf, o + _FIXED + 8 * k, scratch)
+            comps[c] = _f(buf, o + _FIXED + 8 * k, scratch, as_f64)
             c += 1
         pn_at[i, 0] = o + _FIXED + 8 * n_comp
         pn_at[i, 1] = n_pn if flags & 2 else -1

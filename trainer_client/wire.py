@@ -289,9 +289,9 @@ def decode(frames: list[bytes] | list[memoryview]) -> Message:
     if type(world) is not int or type(rank) is not int or not 0 <= rank < world <= MAX_WORLD:
         raise DecodeError("bad_field", "rank or world_size", run)
     if type(instance) is not int or type(seq) is not int or type(step) is not int \
-            or type(dropped) is not int or (instance | seq | step | dropped) < 0:
+            or type(dropped) is not int or not 0 <= (instance | seq | step | dropped) < _U63:
         raise DecodeError("bad_field", "instance, seq, step or dropped", run)
-    if type(epoch) is not int or epoch < 0:
+    if type(epoch) is not int or not 0 <= epoch < _U63:
         raise DecodeError("bad_epoch", repr(epoch)[:40], run)
     if type(wall) is not float or not _isfinite(wall):
         raise DecodeError("bad_field", "wall_time", run)
