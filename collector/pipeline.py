@@ -164,9 +164,13 @@ class Pipeline:
             raw = b.buf[o:o + ln].tobytes()
             nm = self._names.get(raw, False)
             if nm is False:
-                nm = self._names[raw] = _names(raw)
                 if len(self._names) > 4096:
                     self._names.clear()
+                try:
+                    nm = wire.step_names(raw, int(s.comp_at[a + f, 1]))
+                except wire.DecodeError:
+                    nm = None  # not utf-8: the per-message path rejects it
+                self._names[raw] = nm
             if nm is None:
                 e = min(e, a + f)
             names.append(nm)
@@ -202,8 +206,7 @@ class Pipeline:
         if count < 3 or (count + n) // 1000 != count // 1000:
             _log.exception("internal error on %d %s message(s) of run %s (%d so far)", n,
                            wire.KINDS.get(kind), run, count + n)
-        for _ in range(n):
-            self._reject("internal_error", run)
+        self._reject("internal_error", run, n)
 
     def _record(self, frames: list | None) -> None:
         if self.recorder is not None:
@@ -211,11 +214,11 @@ class Pipeline:
                 self._record_rejects()
             self.recorder.append(MESSAGE, frames)
 
-    def _reject(self, reason: str, run: str | None) -> None:
-        self.rejected[reason] = self.rejected.get(reason, 0) + 1
-        self.state.reject(run, reason)
+    def _reject(self, reason: str, run: str | None, n: int = 1) -> None:
+        self.rejected[reason] = self.rejected.get(reason, 0) + n
+        self.state.reject(run, reason, n)
         per_run = self._pending_rejects.setdefault(run or "", {})
-        per_run[reason] = per_run.get(reason, 0) + 1
+        per_run[reason] = per_run.get(reason, 0) + n
 
     def _record_rejects(self) -> None:
         """Rejects reach the recording as one control, so a replay's counts agree."""
@@ -279,19 +282,6 @@ class Pipeline:
         if self.recorder is not None:
             self.recorder.close()
         self.sink.close(timeout_s)
-
-
-def _names(raw: bytes) -> list[str] | None:
-    """A binary step's names region as a list, or None if it is not valid utf-8."""
-    out, p = [], 0
-    try:
-        while p < len(raw):
-            ln = raw[p] | raw[p + 1] << 8
-            out.append(raw[p + 2:p + 2 + ln].decode())
-            p += 2 + ln
-    except UnicodeDecodeError:
-        return None
-    return out
 
 
 def _record_frames(raw: np.ndarray, body: np.ndarray, nfr: np.ndarray, first: np.ndarray

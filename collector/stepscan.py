@@ -22,7 +22,8 @@ from numba import njit
 
 from trainer_client import wire
 
-__all__ = ["Steps", "admit", "gather_rows", "parse_steps", "stream_key"]
+__all__ = ["Steps", "admit", "gather_pnorms", "gather_rows", "parse_steps", "stream_key",
+           "warm_up"]
 
 _FIXED = wire.STEP_LAYOUT.size
 _FNV_OFFSET = np.uint64(0xCBF29CE484222325)

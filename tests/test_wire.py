@@ -80,6 +80,17 @@ def test_malformed_binary_steps_are_rejected_with_reasons(field, value, reason):
     assert got == reason or (field == 4 and got == "size_mismatch")
 
 
+def test_a_names_region_must_hold_exactly_as_many_names_as_values():
+    good = bytes(_step_frame(body=[0.5, 1.0, ["a", "b"], [0.1, 0.2]]))
+    assert wire.decode([good]).body[2] == ["a", "b"]  # now the decoder has seen this region
+    # the same region under n_comp = 1, one value less: the sizes still add up
+    fields = list(wire.STEP_LAYOUT.unpack_from(good))
+    fields[5] = 1
+    forged = bytearray(good[:wire.STEP_LAYOUT.size + 8] + good[wire.STEP_LAYOUT.size + 16:])
+    wire.STEP_LAYOUT.pack_into(forged, 0, *fields)
+    assert _bad([bytes(forged)]) == "size_mismatch"
+
+
 def test_binary_step_framing_errors():
     frame = bytes(_step_frame())
     assert _bad([frame[:40]]) == "bad_header"  # shorter than the fixed part

@@ -49,6 +49,8 @@ __all__ = [
     "Tensor",
     "decode",
     "encode",
+    "encode_step",
+    "step_names",
 ]
 
 VERSION = 1
@@ -200,8 +202,9 @@ def _step_struct(n_values: int) -> struct.Struct:
 _last_names: list = [b"", []]  # a run's steps repeat their names: decode them once
 
 
-def _step_names(raw: bytes, n_comp: int, run: str) -> list[str]:
-    if raw == _last_names[0]:
+def step_names(raw: bytes, n_comp: int, run: str | None = None) -> list[str]:
+    """A binary step's names region: ``n_comp`` times (u16 length, utf-8)."""
+    if raw == _last_names[0] and n_comp == len(_last_names[1]):  # k entries decode to k names
         return _last_names[1]
     names, p = [], 0
     try:
@@ -249,7 +252,7 @@ def _decode_step(frame: bytes | memoryview, n_frames: int) -> Message:
         raise DecodeError("bad_field", "instance, seq, step, epoch or dropped", run)
     if not _isfinite(wall):
         raise DecodeError("bad_field", "wall_time", run)
-    names = _step_names(bytes(mv[r0 + run_len:]), n_comp, run)
+    names = step_names(bytes(mv[r0 + run_len:]), n_comp, run)
     values = list(struct.unpack_from(f"<{n_comp}d", frame, off))
     tensors = _NO_TENSORS
     if flags & STEP_HAS_PN:
