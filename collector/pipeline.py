@@ -32,7 +32,7 @@ from .recording import CONTROL, MESSAGE, ReadStats, RecordWriter, frames_of, ope
 from .recordscan import pack_messages
 from .sinks import NullSink, Record, Sink
 from .state import State, Stream
-from .stepscan import Steps, admit, parse_steps
+from .stepscan import Steps, admit, group_rows, parse_steps
 
 __all__ = ["Batch", "Pipeline", "replay"]
 
@@ -188,15 +188,17 @@ class Pipeline:
             if self._pending_rejects:
                 self._record_rejects()
             self.recorder.append_packed(pack_messages(b.buf, b.offs[a:e], b.lens[a:e]), e - a)
-        order = np.argsort(sidx, kind="stable")
-        bounds = np.searchsorted(sidx[order], np.arange(len(streams) + 1))
+        g = group_rows(s, a, sidx, nidx, len(streams))
+        seg_ids = nidx[g.rows[g.changes] - a].tolist()
+        cb = g.change_bounds.tolist()
         for j, st in enumerate(streams):
-            rel = order[bounds[j]:bounds[j + 1]]
-            if len(rel):
+            if g.bounds[j + 1] > g.bounds[j]:
                 try:
-                    self.state.accept_steps(st, s, a + rel, names, nidx[rel], b.buf)
+                    self.state.accept_steps(st, g, j, [names[k] for k in seg_ids[cb[j]:cb[j + 1]]],
+                                            s, b.buf)
                 except Exception:  # a bug must not take the collector down
-                    self._internal_error(len(rel), wire.KIND_STEP, st.run.run)
+                    self._internal_error(int(g.bounds[j + 1] - g.bounds[j]), wire.KIND_STEP,
+                                         st.run.run)
         self.accepted += e - a
         self.bulk_accepted += e - a
         return e

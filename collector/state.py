@@ -21,7 +21,7 @@ from trainer_client import wire
 from .health import RunHealth
 from .inputs import DataConstants, EpochInput, StepSeries, ValidationInput
 from .profile import Profile
-from .stepscan import Steps, gather_pnorms, gather_rows, stream_key
+from .stepscan import Groups, Steps, gather_pnorms, stream_key
 from .tracking import RankCounters
 
 Emit = Callable[[dict], None]
@@ -76,19 +76,26 @@ class StepColumns:
             self.sealed += len(self.loss)
             self.step, self.loss, self.grad_norm, self.comp_values = [], [], [], []
 
-    def extend(self, s: Steps, rows: np.ndarray, names: list[list[str]], name_ids: np.ndarray,
+    def extend(self, g: Groups, j: int, seg_names: list[list[str]], s: Steps,
                buf: np.ndarray) -> None:
-        """Append a batch's fast step rows (``stepscan``) at once; same result as ``add``."""
+        """Append stream ``j`` of a regrouped stretch of fast steps (``stepscan``) at once;
+        the same result as ``add`` on each. ``seg_names``: the names at each of its
+        ``changes``."""
         self._seal()
         row0 = self.sealed
-        self.blocks.append((s.ints[rows, 4], s.floats[rows, 1], s.floats[rows, 2],
-                            gather_rows(s.comps, s.comp_at, rows)))
-        self.sealed += len(rows)
+        lo, hi = g.bounds[j], g.bounds[j + 1]
+        self.blocks.append((g.step[lo:hi].copy(), g.loss[lo:hi].copy(),
+                            g.grad_norm[lo:hi].copy(),
+                            g.comps[g.comp_bounds[j]:g.comp_bounds[j + 1]].copy()))
+        self.sealed += hi - lo
         segs = self.comp_segments
-        for p in [0, *(np.flatnonzero(np.diff(name_ids)) + 1).tolist()]:
-            nm = names[name_ids[p]]
+        starts = g.changes[g.change_bounds[j]:g.change_bounds[j + 1]].tolist()
+        for p, nm in zip(starts, seg_names, strict=True):
             if not segs or nm != segs[-1][1]:
-                segs.append([row0 + p, nm])
+                segs.append([row0 + p - lo, nm])
+        if not g.pn_rows[j]:
+            return
+        rows = g.rows[lo:hi]
         width = s.pn_at[rows, 1]
         has = np.flatnonzero(width >= 0)
         if not len(has):
@@ -97,9 +104,9 @@ class StepColumns:
             self.pn_blocks.append((row0 + has, gather_pnorms(buf, s.pn_at, rows[has],
                                                              int(width[has[0]]))))
             return
-        for j in has.tolist():  # mixed widths in one batch: rare, row by row
-            o = int(s.pn_at[rows[j], 0])
-            self.pnorms[row0 + j] = buf[o:o + 4 * int(width[j])].tobytes()
+        for k in has.tolist():  # mixed widths in one batch: rare, row by row
+            o = int(s.pn_at[rows[k], 0])
+            self.pnorms[row0 + k] = buf[o:o + 4 * int(width[k])].tobytes()
 
     def series(self) -> StepSeries:
         self._seal()
@@ -243,18 +250,18 @@ class State:
             return None
         return st
 
-    def accept_steps(self, st: Stream, s: Steps, rows: np.ndarray, names: list[list[str]],
-                     name_ids: np.ndarray, buf: np.ndarray) -> None:
-        """Apply one stream's admitted fast steps of a batch (``before_apply`` already ran):
-        what ``accept`` does for each, at once."""
+    def accept_steps(self, st: Stream, g: Groups, j: int, seg_names: list[list[str]],
+                     s: Steps, buf: np.ndarray) -> None:
+        """Apply stream ``j`` of a regrouped stretch of admitted fast steps
+        (``before_apply`` already ran): what ``accept`` does for each, at once."""
         run, rank = st.run, st.rank
-        world = int(s.ints[rows, 1].max())
+        world = int(g.max_world[j])
         if world > run.world_size:
             run.world_size = world
-        last = rows[-1]
-        rank.counters.count_many(wire.KIND_STEP, len(rows), int(s.ints[last, 3]),
-                                 int(s.ints[rows, 6].max()), float(s.floats[last, 0]))
-        rank.open_steps.extend(s, rows, names, name_ids, buf)
+        rank.counters.count_many(wire.KIND_STEP, int(g.bounds[j + 1] - g.bounds[j]),
+                                 int(g.last_seq[j]), int(g.max_dropped[j]),
+                                 float(g.last_wall[j]))
+        rank.open_steps.extend(g, j, seg_names, s, buf)
 
     def _apply(self, run: RunState, rank: RankState, msg: wire.Message) -> None:
         kind = msg.kind

@@ -22,8 +22,8 @@ from numba import njit
 
 from trainer_client import wire
 
-__all__ = ["Steps", "admit", "gather_pnorms", "gather_rows", "parse_steps", "stream_key",
-           "warm_up"]
+__all__ = ["Groups", "Steps", "admit", "gather_pnorms", "group_rows", "parse_steps",
+           "stream_key", "warm_up"]
 
 _FIXED = wire.STEP_LAYOUT.size
 _FNV_OFFSET = np.uint64(0xCBF29CE484222325)
@@ -191,6 +191,93 @@ def admit(stream: np.ndarray, seq: np.ndarray, last_seq: np.ndarray) -> int:
     return len(stream)
 
 
+class Groups(NamedTuple):
+    """A stretch of admitted fast steps, regrouped stream by stream (arrival order kept).
+
+    Stream ``j`` owns positions ``bounds[j]:bounds[j+1]`` of ``rows``/``step``/``loss``/
+    ``grad_norm``, values ``comps[comp_bounds[j]:comp_bounds[j+1]]``, and the positions
+    ``changes[change_bounds[j]:change_bounds[j+1]]`` where its names start or change.
+    """
+
+    rows: np.ndarray  # absolute message indices
+    bounds: np.ndarray
+    step: np.ndarray
+    loss: np.ndarray
+    grad_norm: np.ndarray
+    comps: np.ndarray
+    comp_bounds: np.ndarray
+    changes: np.ndarray
+    change_bounds: np.ndarray
+    last_seq: np.ndarray  # per stream
+    max_dropped: np.ndarray
+    max_world: np.ndarray
+    last_wall: np.ndarray
+    pn_rows: np.ndarray  # per stream: how many of its steps carry param norms
+
+
+@njit(cache=True)
+def _group(sidx, nidx, n_streams, a, ints, floats, comps, comp_at, pn_at):  # noqa: ANN001, ANN202
+    m = len(sidx)
+    bounds = np.zeros(n_streams + 1, np.int64)
+    total = 0
+    for i in range(m):
+        bounds[sidx[i] + 1] += 1
+        total += comp_at[a + i, 1]
+    for j in range(n_streams):
+        bounds[j + 1] += bounds[j]
+    fill = bounds[:-1].copy()
+    rows = np.empty(m, np.int64)
+    for i in range(m):  # a counting sort: stable, so each stream keeps its order
+        rows[fill[sidx[i]]] = a + i
+        fill[sidx[i]] += 1
+    step = np.empty(m, np.int64)
+    loss = np.empty(m, np.float64)
+    gn = np.empty(m, np.float64)
+    out = np.empty(total, np.float64)
+    comp_bounds = np.zeros(n_streams + 1, np.int64)
+    changes = np.empty(m, np.int64)
+    change_bounds = np.zeros(n_streams + 1, np.int64)
+    last_seq = np.full(n_streams, -1, np.int64)
+    max_dropped = np.zeros(n_streams, np.int64)
+    max_world = np.zeros(n_streams, np.int64)
+    last_wall = np.zeros(n_streams, np.float64)
+    pn_rows = np.zeros(n_streams, np.int64)
+    c = nch = 0
+    for j in range(n_streams):
+        comp_bounds[j] = c
+        change_bounds[j] = nch
+        prev = -1
+        for p in range(bounds[j], bounds[j + 1]):
+            r = rows[p]
+            step[p] = ints[r, 4]
+            loss[p] = floats[r, 1]
+            gn[p] = floats[r, 2]
+            for k in range(comp_at[r, 1]):
+                out[c] = comps[comp_at[r, 0] + k]
+                c += 1
+            if nidx[r - a] != prev:
+                prev = nidx[r - a]
+                changes[nch] = p
+                nch += 1
+            last_seq[j] = ints[r, 3]
+            max_dropped[j] = max(max_dropped[j], ints[r, 6])
+            max_world[j] = max(max_world[j], ints[r, 1])
+            last_wall[j] = floats[r, 0]
+            if pn_at[r, 1] >= 0:
+                pn_rows[j] += 1
+    comp_bounds[n_streams] = c
+    change_bounds[n_streams] = nch
+    return (rows, bounds, step, loss, gn, out, comp_bounds, changes[:nch], change_bounds,
+            last_seq, max_dropped, max_world, last_wall, pn_rows)
+
+
+def group_rows(s: Steps, a: int, sidx: np.ndarray, nidx: np.ndarray, n_streams: int
+               ) -> Groups:
+    """Regroup fast steps ``a, a+1, ...`` (stream ``sidx``, names ``nidx`` each) by stream."""
+    return Groups(*_group(sidx, nidx, n_streams, a, s.ints, s.floats, s.comps, s.comp_at,
+                          s.pn_at))
+
+
 @njit(cache=True)
 def gather_rows(src: np.ndarray, at: np.ndarray, rows: np.ndarray) -> np.ndarray:
     """Concatenate ``src[at[r, 0]:at[r, 0] + at[r, 1]]`` for ``r`` in ``rows``."""
@@ -229,6 +316,6 @@ def warm_up() -> None:
     s = parse_steps(buf, z, np.array([len(frame)], np.int64), np.ones(1, np.int64))
     rows = np.zeros(1, np.int64)
     admit(z, s.ints[:, 3], np.full(1, -1, np.int64))
-    gather_rows(s.comps, s.comp_at, rows)
+    group_rows(s, 0, z, z, 1)
     gather_pnorms(buf, s.pn_at, rows, 1)
     stream_key("w", 0, 1)
