@@ -206,7 +206,7 @@ def _receive(endpoint: str, total: int, pipeline: object | None, frames: bool = 
     return (total - 1) / dt
 
 
-def bench_ingest(tmp: Path, total: int = 200_000, rounds: int = 3) -> dict:
+def bench_ingest(tmp: Path, total: int = 200_000, rounds: int = 5) -> dict:
     """Rounds of (bare, bare zero-copy, collector), interleaved so drift hits all alike."""
     from collector.pipeline import Pipeline
     from collector.profile import load_profile
