@@ -170,7 +170,7 @@ def _receive(endpoint: str, total: int, pipeline: object | None, frames: bool = 
     """
     import zmq
 
-    from collector.server import DRAIN_LIMIT, Collector, receive
+    from collector.server import DRAIN_BATCH, DRAIN_LIMIT, Collector, receive
 
     ctx = zmq.Context()
     s = ctx.socket(zmq.PULL)
@@ -191,7 +191,7 @@ def _receive(endpoint: str, total: int, pipeline: object | None, frames: bool = 
     elif pipeline is None:
         while n < total:
             if s.poll(1000):
-                n += len(receive(s, 500))
+                n += len(receive(s, DRAIN_BATCH))
     else:
         col = Collector([endpoint], pipeline)
         pipeline.feed(first)

@@ -80,7 +80,6 @@ class Pipeline:
         self.rejected: dict[str, int] = {}
         self.records_out = 0
         self._pending_rejects: dict[str, dict[str, int]] = {}
-        self._names: dict[bytes, list[str] | None] = {}  # step names regions, decoded
         self.muted = False  # while rebuilding state from an old recording
         self.active: dict[str, list[str]] = {}  # run -> rules firing in its latest epoch
 
@@ -161,16 +160,10 @@ class Pipeline:
         names: list = []
         for f in nfirst.tolist():
             o, ln = s.names_at[a + f]
-            raw = b.buf[o:o + ln].tobytes()
-            nm = self._names.get(raw, False)
-            if nm is False:
-                if len(self._names) > 4096:
-                    self._names.clear()
-                try:
-                    nm = wire.step_names(raw, int(s.comp_at[a + f, 1]))
-                except wire.DecodeError:
-                    nm = None  # not utf-8: the per-message path rejects it
-                self._names[raw] = nm
+            try:  # the decoder keeps the last region it read: steps repeat their names
+                nm = wire.step_names(b.buf[o:o + ln].tobytes(), int(s.comp_at[a + f, 1]))
+            except wire.DecodeError:
+                nm = None  # not utf-8: the per-message path rejects it
             if nm is None:
                 e = min(e, a + f)
             names.append(nm)

@@ -163,7 +163,7 @@ def open_recording(path: str | Path, stats: ReadStats) -> np.ndarray | None:
 
 def scan(raw: np.ndarray, stats: ReadStats, chunk: int = 1 << 16) -> Iterator[tuple]:
     """The records' columns (``recordscan.scan_records``), ``chunk`` records at a time."""
-    from .recordscan import scan_records
+    from .recordscan import scan_records  # here: recordscan takes the layout from this module
 
     pos = len(MAGIC)
     while True:

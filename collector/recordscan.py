@@ -13,9 +13,12 @@ from numba import njit
 
 __all__ = ["crc32", "pack_messages", "scan_records"]
 
-_MARK = np.frombuffer(b"\xa5TW\x5a", np.uint8)
-_HEAD = 12  # MARK, body_len u32, crc u32
-_BODY_HEAD = 3  # type u8, n_frames u16
+from .recording import _BODY, _HEAD, MARK, MESSAGE
+
+_MARK = np.frombuffer(MARK, np.uint8)
+_HEAD_SIZE = _HEAD.size  # MARK, body_len u32, crc u32
+_BODY_HEAD = _BODY.size  # type u8, n_frames u16
+_ONE_HEAD = _BODY_HEAD + 4  # and the one frame's length
 
 
 def _tables() -> np.ndarray:
@@ -72,20 +75,20 @@ def _put(out: np.ndarray, o: int, v: int, n: int) -> None:
 def _pack(table, mark, buf, offs, lens):  # noqa: ANN001, ANN202 - numba
     total = 0
     for i in range(len(offs)):
-        total += _HEAD + 7 + lens[i]
+        total += _HEAD_SIZE + _ONE_HEAD + lens[i]
     out = np.empty(total, np.uint8)
     p = 0
     for i in range(len(offs)):
         n = lens[i]
         out[p:p + 4] = mark
-        _put(out, p + 4, 7 + n, 4)
-        b = p + _HEAD
-        out[b] = 0  # MESSAGE
+        _put(out, p + 4, _ONE_HEAD + n, 4)
+        b = p + _HEAD_SIZE
+        out[b] = MESSAGE
         _put(out, b + 1, 1, 2)
-        _put(out, b + 3, n, 4)
-        out[b + 7:b + 7 + n] = buf[offs[i]:offs[i] + n]
-        _put(out, p + 8, _crc32(table, out, b, 7 + n), 4)
-        p = b + 7 + n
+        _put(out, b + _BODY_HEAD, n, 4)
+        out[b + _ONE_HEAD:b + _ONE_HEAD + n] = buf[offs[i]:offs[i] + n]
+        _put(out, p + 8, _crc32(table, out, b, _ONE_HEAD + n), 4)
+        p = b + _ONE_HEAD + n
     return out
 
 
@@ -126,11 +129,11 @@ def _scan(table, mark, raw, pos, limit):  # noqa: ANN001, ANN202 - numba
     truncated = -1
     n = 0
     while pos < end and n < limit:
-        if end - pos < _HEAD:
+        if end - pos < _HEAD_SIZE:
             truncated = end - pos
             break
         ln = _u32(raw, pos + 4)
-        start = pos + _HEAD
+        start = pos + _HEAD_SIZE
         if raw[pos] != mark[0] or raw[pos + 1] != mark[1] or raw[pos + 2] != mark[2] \
                 or raw[pos + 3] != mark[3] or ln < _BODY_HEAD:
             corrupted += 1

@@ -97,9 +97,7 @@ class StepColumns:
             return
         rows = g.rows[lo:hi]
         width = s.pn_at[rows, 1]
-        has = np.flatnonzero(width >= 0)
-        if not len(has):
-            return
+        has = np.flatnonzero(width >= 0)  # not empty: pn_rows[j] > 0
         if (width[has] == width[has[0]]).all():
             self.pn_blocks.append((row0 + has, gather_pnorms(buf, s.pn_at, rows[has],
                                                              int(width[has[0]]))))

@@ -15,6 +15,8 @@ registered from a decoded message before trusting a key.
 
 from __future__ import annotations
 
+import re
+import struct
 from typing import NamedTuple
 
 import numpy as np
@@ -25,7 +27,19 @@ from trainer_client import wire
 __all__ = ["Groups", "Steps", "admit", "gather_pnorms", "group_rows", "parse_steps",
            "stream_key", "warm_up"]
 
+def _field_offsets(layout: struct.Struct) -> list[int]:
+    """Each field's byte offset in a little-endian struct without padding."""
+    codes = "".join(c * int(n or 1) for n, c in re.findall(r"(\d*)([a-zA-Z])", layout.format))
+    return [struct.calcsize("<" + codes[:k]) for k in range(len(codes))]
+
+
+# Where the binary step's fields sit (``wire.STEP_LAYOUT``), named for the parser.
+(_, _TAG, _VERSION, _FLAGS, _RUN_LEN, _N_COMP, _NAMES_LEN, _N_PN, _RANK, _WORLD, _U64S,
+ *_, _WALL, _LOSS, _GN) = _field_offsets(wire.STEP_LAYOUT)
 _FIXED = wire.STEP_LAYOUT.size
+_MAGIC, _TAG_BYTE, _VERSION_BYTE = wire.STEP_MAGIC, wire.STEP_TAG, wire.STEP_VERSION
+_HAS_GN, _HAS_PN = wire.STEP_HAS_GN, wire.STEP_HAS_PN
+_UNKNOWN_FLAGS = 0xFF & ~(_HAS_GN | _HAS_PN)
 _FNV_OFFSET = np.uint64(0xCBF29CE484222325)
 _FNV_PRIME = np.uint64(0x100000001B3)
 
@@ -102,40 +116,40 @@ def _parse(buf, offs, lens, nfr, max_world, max_run):  # noqa: ANN001, ANN202 - 
     pn_at = np.zeros((n, 2), np.int64)
     total = 0
     for i in range(n):
-        if nfr[i] == 1 and lens[i] >= _FIXED and buf[offs[i]] == 0xC1:
-            total += min(_u(buf, offs[i] + 6, 2), (lens[i] - _FIXED) // 8)  # bounded by size
+        if nfr[i] == 1 and lens[i] >= _FIXED and buf[offs[i]] == _MAGIC:
+            total += min(_u(buf, offs[i] + _N_COMP, 2), (lens[i] - _FIXED) // 8)  # <= size
     comps = np.empty(total, np.float64)
     scratch = np.empty(8, np.uint8)
     as_f64 = scratch.view(np.float64)
     c = 0
     for i in range(n):
         o, size = offs[i], lens[i]
-        if nfr[i] != 1 or size < _FIXED or buf[o] != 0xC1 or buf[o + 1] != 0x53 \
-                or buf[o + 2] != 1:
+        if nfr[i] != 1 or size < _FIXED or buf[o] != _MAGIC or buf[o + _TAG] != _TAG_BYTE \
+                or buf[o + _VERSION] != _VERSION_BYTE:
             continue
-        flags = buf[o + 3]
-        run_len = _u(buf, o + 4, 2)
-        n_comp = _u(buf, o + 6, 2)
-        names_len = _u(buf, o + 8, 4)
-        n_pn = _u(buf, o + 12, 4)
-        rank = _u(buf, o + 16, 4)
-        world = _u(buf, o + 20, 4)
-        if flags & 0xFC or (n_pn > 0 and not flags & 2):
+        flags = buf[o + _FLAGS]
+        run_len = _u(buf, o + _RUN_LEN, 2)
+        n_comp = _u(buf, o + _N_COMP, 2)
+        names_len = _u(buf, o + _NAMES_LEN, 4)
+        n_pn = _u(buf, o + _N_PN, 4)
+        rank = _u(buf, o + _RANK, 4)
+        world = _u(buf, o + _WORLD, 4)
+        if flags & _UNKNOWN_FLAGS or (n_pn > 0 and not flags & _HAS_PN):
             continue
         if _FIXED + 8 * n_comp + 4 * n_pn + run_len + names_len != size:
             continue
         if run_len == 0 or run_len > max_run or not rank < world <= max_world:
             continue
         bad = False
-        for k in range(5):
-            if buf[o + 31 + 8 * k] & 0x80:  # >= 2**63
+        for k in range(5):  # instance, seq, step, epoch, dropped
+            if buf[o + _U64S + 8 * k + 7] & 0x80:  # >= 2**63
                 bad = True
-            ints[i, 2 + k] = _u(buf, o + 24 + 8 * k, 8)
-        wall = _f(buf, o + 64, scratch, as_f64)
-        loss = _f(buf, o + 72, scratch, as_f64)
-        gn = _f(buf, o + 80, scratch, as_f64) if flags & 1 else np.nan
+            ints[i, 2 + k] = _u(buf, o + _U64S + 8 * k, 8)
+        wall = _f(buf, o + _WALL, scratch, as_f64)
+        loss = _f(buf, o + _LOSS, scratch, as_f64)
+        gn = _f(buf, o + _GN, scratch, as_f64) if flags & _HAS_GN else np.nan
         if bad or not np.isfinite(wall) or not np.isfinite(loss) \
-                or (flags & 1 and not np.isfinite(gn)):
+                or (flags & _HAS_GN and not np.isfinite(gn)):
             continue
         # The names region must be exactly n_comp (u16 length, bytes) entries.
         r0 = o + _FIXED + 8 * n_comp + 4 * n_pn
@@ -167,7 +181,7 @@ def _parse(buf, offs, lens, nfr, max_world, max_run):  # noqa: ANN001, ANN202 - 
             comps[c] = _f(buf, o + _FIXED + 8 * k, scratch, as_f64)
             c += 1
         pn_at[i, 0] = o + _FIXED + 8 * n_comp
-        pn_at[i, 1] = n_pn if flags & 2 else -1
+        pn_at[i, 1] = n_pn if flags & _HAS_PN else -1
     return fast, ints, floats, key, names_key, names_at, run_at, comp_at, comps[:c], pn_at
 
 
@@ -276,21 +290,6 @@ def group_rows(s: Steps, a: int, sidx: np.ndarray, nidx: np.ndarray, n_streams: 
     """Regroup fast steps ``a, a+1, ...`` (stream ``sidx``, names ``nidx`` each) by stream."""
     return Groups(*_group(sidx, nidx, n_streams, a, s.ints, s.floats, s.comps, s.comp_at,
                           s.pn_at))
-
-
-@njit(cache=True)
-def gather_rows(src: np.ndarray, at: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    """Concatenate ``src[at[r, 0]:at[r, 0] + at[r, 1]]`` for ``r`` in ``rows``."""
-    total = 0
-    for r in rows:
-        total += at[r, 1]
-    out = np.empty(total, src.dtype)
-    c = 0
-    for r in rows:
-        for k in range(at[r, 1]):
-            out[c] = src[at[r, 0] + k]
-            c += 1
-    return out
 
 
 @njit(cache=True)

@@ -149,6 +149,7 @@ STEP_TAG = 0x53
 STEP_VERSION = 1
 STEP_HAS_GN = 1
 STEP_HAS_PN = 2
+_STEP_FIRST = bytes((STEP_MAGIC,))
 _U63 = 1 << 63
 _NAME_LEN = struct.Struct("<H")
 
@@ -274,7 +275,7 @@ def decode(frames: list[bytes] | list[memoryview]) -> Message:
     """
     if not frames:
         raise DecodeError("empty")
-    if frames[0][:1] == b"\xc1":
+    if frames[0][:1] == _STEP_FIRST:
         return _decode_step(frames[0], len(frames))
     try:
         h = _unpackb(frames[0], raw=False, strict_map_key=True)
