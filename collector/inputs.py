@@ -11,18 +11,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-# Layout of the per-epoch weight summary a rank ships (float64, on-device sums).
-WEIGHT_FIELDS = ("count", "sum_abs", "sum", "sum_sq", "max_abs")
-# Layout of the per-epoch EMA summary: element count and sum of |w_ema - w|.
-EMA_FIELDS = ("count", "sum_abs_diff")
-
 
 @dataclass
 class StepSeries:
     """One rank's steps within one epoch, in arrival order.
 
     ``loss`` and ``grad_norm`` may hold NaN/Inf (sent by a diverging run); ``grad_norm``
-    holds NaN where the client had no norm. ``param_norms`` is ``[n_steps, n_params]``
+    and ``lr`` hold NaN where the client sent none. ``param_norms`` is ``[n_steps, n_params]``
     float32 (rows of NaN for steps that shipped none) or None when no step shipped any.
     """
 
@@ -31,6 +26,7 @@ class StepSeries:
     grad_norm: np.ndarray  # float64 [n]
     components: dict[str, np.ndarray] = field(default_factory=dict)  # name -> float64 [n]
     param_norms: np.ndarray | None = None
+    lr: np.ndarray | None = None  # float64 [n]: the optimizer's learning rate at each step
 
 
 @dataclass

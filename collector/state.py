@@ -40,26 +40,28 @@ class StepColumns:
     (quadratically).
     """
 
-    __slots__ = ("step", "loss", "grad_norm", "comp_values", "blocks", "sealed",
+    __slots__ = ("step", "loss", "grad_norm", "lr", "comp_values", "blocks", "sealed",
                  "comp_segments", "pnorms", "pn_blocks")
 
     def __init__(self) -> None:
         self.step: list[int] = []
         self.loss: list[float] = []
         self.grad_norm: list[float] = []
+        self.lr: list[float] = []
         self.comp_values: list[float] = []  # flat, row by row
-        self.blocks: list[tuple[np.ndarray, ...]] = []  # (step, loss, grad_norm, comps)
+        self.blocks: list[tuple[np.ndarray, ...]] = []  # (step, loss, grad_norm, lr, comps)
         self.sealed = 0  # rows in blocks
         self.comp_segments: list = []  # [first_row, names] each time the names change
         self.pnorms: dict[int, bytes] = {}  # row -> float32 bytes
         self.pn_blocks: list[tuple[np.ndarray, np.ndarray]] = []  # (rows, float32 matrix)
 
     def add(self, msg: wire.Message) -> None:
-        loss, gn, names, values = msg.body
+        loss, gn, names, values, lr = msg.body
         row = self.sealed + len(self.loss)
         self.step.append(msg.step)
         self.loss.append(loss)
         self.grad_norm.append(_NAN if gn is None else gn)
+        self.lr.append(_NAN if lr is None else lr)
         segs = self.comp_segments
         if not segs or names != segs[-1][1]:
             segs.append([row, names])
@@ -72,9 +74,10 @@ class StepColumns:
         if self.loss:
             self.blocks.append((np.asarray(self.step, np.int64), np.asarray(self.loss, np.float64),
                                 np.asarray(self.grad_norm, np.float64),
+                                np.asarray(self.lr, np.float64),
                                 np.asarray(self.comp_values, np.float64)))
             self.sealed += len(self.loss)
-            self.step, self.loss, self.grad_norm, self.comp_values = [], [], [], []
+            self.step, self.loss, self.grad_norm, self.lr, self.comp_values = [], [], [], [], []
 
     def extend(self, g: Groups, j: int, seg_names: list[list[str]], s: Steps,
                buf: np.ndarray) -> None:
@@ -85,7 +88,7 @@ class StepColumns:
         row0 = self.sealed
         lo, hi = g.bounds[j], g.bounds[j + 1]
         self.blocks.append((g.step[lo:hi].copy(), g.loss[lo:hi].copy(),
-                            g.grad_norm[lo:hi].copy(),
+                            g.grad_norm[lo:hi].copy(), g.lr[lo:hi].copy(),
                             g.comps[g.comp_bounds[j]:g.comp_bounds[j + 1]].copy()))
         self.sealed += hi - lo
         segs = self.comp_segments
@@ -110,9 +113,9 @@ class StepColumns:
         self._seal()
         n = self.sealed
         cols = [np.concatenate([b[k] for b in self.blocks]) if self.blocks
-                else np.empty(0, np.int64 if k == 0 else np.float64) for k in range(4)]
+                else np.empty(0, np.int64 if k == 0 else np.float64) for k in range(5)]
         comps: dict[str, np.ndarray] = {}
-        flat = cols[3]
+        flat = cols[4]
         # one bound per segment; an epoch with no steps has no segment
         bounds = [seg[0] for seg in self.comp_segments[1:]] + [n] if self.comp_segments else []
         off = 0
@@ -134,7 +137,7 @@ class StepColumns:
                 pn[row] = np.frombuffer(b, np.float32)
             for rows, m in self.pn_blocks:
                 pn[rows] = m
-        return StepSeries(cols[0], cols[1], cols[2], comps, pn)
+        return StepSeries(cols[0], cols[1], cols[2], comps, pn, lr=cols[3])
 
 
 _NAN = float("nan")

@@ -16,8 +16,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from trainer_client.wire import EMA_FIELDS, WEIGHT_FIELDS
+
 from .datastats import DataStatsAccumulator
-from .inputs import EMA_FIELDS, WEIGHT_FIELDS, DataConstants, EpochInput, ValidationInput
+from .inputs import DataConstants, EpochInput, ValidationInput
 from .kernels import channel_moments, moments_1d, reduce_moments
 from .profile import Profile
 
@@ -169,6 +171,20 @@ def _loss_ratios(inp: EpochInput, st: EpochStats) -> None:
         st.metrics.update({f"loss_ratio/{name}": m / total for name, m in means.items()})
 
 
+def _learning_rate(inp: EpochInput, st: EpochStats) -> None:
+    """train/lr (the epoch's last rate), _min and _max, from the lowest rank that sent one:
+    the rate an optimizer had, which remedies quote beside the config's."""
+    for rank in sorted(inp.steps):
+        s = inp.steps[rank]
+        if s.lr is None or s.lr.size == 0:
+            continue
+        sent = s.lr[np.isfinite(s.lr)]
+        if sent.size:
+            st.metrics.update({"train/lr": float(sent[-1]), "train/lr_min": float(sent.min()),
+                               "train/lr_max": float(sent.max())})
+            return
+
+
 def _param_ranking(inp: EpochInput, st: EpochStats, k: int) -> None:
     """Parameters by their mean gradient norm this epoch (lowest rank that shipped norms)."""
     for rank in sorted(inp.steps):
@@ -244,6 +260,7 @@ def epoch_stats(inp: EpochInput, consts: DataConstants | None, profile: Profile)
     if "train/batch_loss_mean" in st.metrics:
         st.metrics["train/total_loss"] = st.metrics["train/batch_loss_mean"]
     _loss_ratios(inp, st)
+    _learning_rate(inp, st)
     _param_ranking(inp, st, profile.report_params)
     if inp.validation is not None:
         metrics, bad = validation_metrics(inp.validation, consts, profile)

@@ -34,12 +34,21 @@ def _field_offsets(layout: struct.Struct) -> list[int]:
 
 
 # Where the binary step's fields sit (``wire.STEP_LAYOUT``), named for the parser.
-(_, _TAG, _VERSION, _FLAGS, _RUN_LEN, _N_COMP, _NAMES_LEN, _N_PN, _RANK, _WORLD, _U64S,
- *_, _WALL, _LOSS, _GN) = _field_offsets(wire.STEP_LAYOUT)
+_AT = dict(zip(wire.STEP_FIELDS, _field_offsets(wire.STEP_LAYOUT), strict=True))
+_TAG, _VERSION, _FLAGS = _AT["tag"], _AT["version"], _AT["flags"]
+_RUN_LEN, _N_COMP, _NAMES_LEN, _N_PN = _AT["run_len"], _AT["n_comp"], _AT["names_len"], _AT["n_pn"]
+_RANK, _WORLD, _U64S = _AT["rank"], _AT["world"], _AT["instance"]  # 5 u64s from instance on
+_WALL, _LOSS, _GN, _LR = _AT["wall"], _AT["loss"], _AT["grad_norm"], _AT["lr"]
 _FIXED = wire.STEP_LAYOUT.size
 _MAGIC, _TAG_BYTE, _VERSION_BYTE = wire.STEP_MAGIC, wire.STEP_TAG, wire.STEP_VERSION
-_HAS_GN, _HAS_PN = wire.STEP_HAS_GN, wire.STEP_HAS_PN
-_UNKNOWN_FLAGS = 0xFF & ~(_HAS_GN | _HAS_PN)
+_HAS_GN, _HAS_PN, _HAS_LR = wire.STEP_HAS_GN, wire.STEP_HAS_PN, wire.STEP_HAS_LR
+_UNKNOWN_FLAGS = 0xFF & ~wire.STEP_FLAGS
+
+# Columns of ``Steps.ints`` (the five u64s from ``instance`` on are read in order), of
+# ``Steps.floats``, and of the (offset, count) pairs in ``*_at``.
+RANK, WORLD, INSTANCE, SEQ, STEP, EPOCH, DROPPED = range(7)
+WALL, LOSS, GRAD_NORM, LR = range(4)
+AT, COUNT = 0, 1
 _FNV_OFFSET = np.uint64(0xCBF29CE484222325)
 _FNV_PRIME = np.uint64(0x100000001B3)
 
@@ -48,8 +57,8 @@ class Steps(NamedTuple):
     """Columns for a batch; rows of messages that are not ``fast`` hold nothing useful."""
 
     fast: np.ndarray  # bool
-    ints: np.ndarray  # (n, 7) int64: rank, world, instance, seq, step, epoch, dropped
-    floats: np.ndarray  # (n, 3) float64: wall, loss, grad_norm (NaN when absent)
+    ints: np.ndarray  # (n, 7) int64: RANK, WORLD, INSTANCE, SEQ, STEP, EPOCH, DROPPED
+    floats: np.ndarray  # (n, 4) float64: WALL, LOSS, GRAD_NORM, LR (NaN when absent)
     key: np.ndarray  # uint64 stream key
     names_key: np.ndarray  # uint64 key of the names region
     names_at: np.ndarray  # (n, 2) int64: offset, length of the names region in buf
@@ -107,7 +116,7 @@ def _parse(buf, offs, lens, nfr, max_world, max_run):  # noqa: ANN001, ANN202 - 
     n = len(offs)
     fast = np.zeros(n, np.bool_)
     ints = np.zeros((n, 7), np.int64)
-    floats = np.zeros((n, 3), np.float64)
+    floats = np.zeros((n, 4), np.float64)
     key = np.zeros(n, np.uint64)
     names_key = np.zeros(n, np.uint64)
     names_at = np.zeros((n, 2), np.int64)
@@ -144,12 +153,14 @@ def _parse(buf, offs, lens, nfr, max_world, max_run):  # noqa: ANN001, ANN202 - 
         for k in range(5):  # instance, seq, step, epoch, dropped
             if buf[o + _U64S + 8 * k + 7] & 0x80:  # >= 2**63
                 bad = True
-            ints[i, 2 + k] = _u(buf, o + _U64S + 8 * k, 8)
+            ints[i, INSTANCE + k] = _u(buf, o + _U64S + 8 * k, 8)
         wall = _f(buf, o + _WALL, scratch, as_f64)
         loss = _f(buf, o + _LOSS, scratch, as_f64)
         gn = _f(buf, o + _GN, scratch, as_f64) if flags & _HAS_GN else np.nan
+        lr = _f(buf, o + _LR, scratch, as_f64) if flags & _HAS_LR else np.nan
         if bad or not np.isfinite(wall) or not np.isfinite(loss) \
-                or (flags & _HAS_GN and not np.isfinite(gn)):
+                or (flags & _HAS_GN and not np.isfinite(gn)) \
+                or (flags & _HAS_LR and not np.isfinite(lr)):
             continue
         # The names region must be exactly n_comp (u16 length, bytes) entries.
         r0 = o + _FIXED + 8 * n_comp + 4 * n_pn
@@ -163,25 +174,26 @@ def _parse(buf, offs, lens, nfr, max_world, max_run):  # noqa: ANN001, ANN202 - 
         if bad or p != end:
             continue
         fast[i] = True
-        ints[i, 0] = rank
-        ints[i, 1] = world
-        floats[i, 0] = wall
-        floats[i, 1] = loss
-        floats[i, 2] = gn
-        run_at[i, 0] = r0
-        run_at[i, 1] = run_len
-        names_at[i, 0] = r0 + run_len
-        names_at[i, 1] = names_len
-        key[i] = _key(buf, r0, run_len, rank, ints[i, 2])
+        ints[i, RANK] = rank
+        ints[i, WORLD] = world
+        floats[i, WALL] = wall
+        floats[i, LOSS] = loss
+        floats[i, GRAD_NORM] = gn
+        floats[i, LR] = lr
+        run_at[i, AT] = r0
+        run_at[i, COUNT] = run_len
+        names_at[i, AT] = r0 + run_len
+        names_at[i, COUNT] = names_len
+        key[i] = _key(buf, r0, run_len, rank, ints[i, INSTANCE])
         names_key[i] = _fnv_int(_fnv(_FNV_OFFSET, buf, r0 + run_len, names_len),
                                 np.uint64(n_comp))
-        comp_at[i, 0] = c
-        comp_at[i, 1] = n_comp
+        comp_at[i, AT] = c
+        comp_at[i, COUNT] = n_comp
         for k in range(n_comp):
             comps[c] = _f(buf, o + _FIXED + 8 * k, scratch, as_f64)
             c += 1
-        pn_at[i, 0] = o + _FIXED + 8 * n_comp
-        pn_at[i, 1] = n_pn if flags & _HAS_PN else -1
+        pn_at[i, AT] = o + _FIXED + 8 * n_comp
+        pn_at[i, COUNT] = n_pn if flags & _HAS_PN else -1
     return fast, ints, floats, key, names_key, names_at, run_at, comp_at, comps[:c], pn_at
 
 
@@ -218,6 +230,7 @@ class Groups(NamedTuple):
     step: np.ndarray
     loss: np.ndarray
     grad_norm: np.ndarray
+    lr: np.ndarray
     comps: np.ndarray
     comp_bounds: np.ndarray
     changes: np.ndarray
@@ -236,7 +249,7 @@ def _group(sidx, nidx, n_streams, a, ints, floats, comps, comp_at, pn_at):  # no
     total = 0
     for i in range(m):
         bounds[sidx[i] + 1] += 1
-        total += comp_at[a + i, 1]
+        total += comp_at[a + i, COUNT]
     for j in range(n_streams):
         bounds[j + 1] += bounds[j]
     fill = bounds[:-1].copy()
@@ -247,6 +260,7 @@ def _group(sidx, nidx, n_streams, a, ints, floats, comps, comp_at, pn_at):  # no
     step = np.empty(m, np.int64)
     loss = np.empty(m, np.float64)
     gn = np.empty(m, np.float64)
+    lr = np.empty(m, np.float64)
     out = np.empty(total, np.float64)
     comp_bounds = np.zeros(n_streams + 1, np.int64)
     changes = np.empty(m, np.int64)
@@ -263,25 +277,26 @@ def _group(sidx, nidx, n_streams, a, ints, floats, comps, comp_at, pn_at):  # no
         prev = -1
         for p in range(bounds[j], bounds[j + 1]):
             r = rows[p]
-            step[p] = ints[r, 4]
-            loss[p] = floats[r, 1]
-            gn[p] = floats[r, 2]
-            for k in range(comp_at[r, 1]):
-                out[c] = comps[comp_at[r, 0] + k]
+            step[p] = ints[r, STEP]
+            loss[p] = floats[r, LOSS]
+            gn[p] = floats[r, GRAD_NORM]
+            lr[p] = floats[r, LR]
+            for k in range(comp_at[r, COUNT]):
+                out[c] = comps[comp_at[r, AT] + k]
                 c += 1
             if nidx[r - a] != prev:
                 prev = nidx[r - a]
                 changes[nch] = p
                 nch += 1
-            last_seq[j] = ints[r, 3]
-            max_dropped[j] = max(max_dropped[j], ints[r, 6])
-            max_world[j] = max(max_world[j], ints[r, 1])
-            last_wall[j] = floats[r, 0]
-            if pn_at[r, 1] >= 0:
+            last_seq[j] = ints[r, SEQ]
+            max_dropped[j] = max(max_dropped[j], ints[r, DROPPED])
+            max_world[j] = max(max_world[j], ints[r, WORLD])
+            last_wall[j] = floats[r, WALL]
+            if pn_at[r, COUNT] >= 0:
                 pn_rows[j] += 1
     comp_bounds[n_streams] = c
     change_bounds[n_streams] = nch
-    return (rows, bounds, step, loss, gn, out, comp_bounds, changes[:nch], change_bounds,
+    return (rows, bounds, step, loss, gn, lr, out, comp_bounds, changes[:nch], change_bounds,
             last_seq, max_dropped, max_world, last_wall, pn_rows)
 
 
@@ -298,7 +313,7 @@ def gather_pnorms(buf: np.ndarray, at: np.ndarray, rows: np.ndarray, width: int)
     out = np.empty((len(rows), width), np.float32)
     raw = out.reshape(-1).view(np.uint8)
     for j in range(len(rows)):
-        o = at[rows[j], 0]
+        o = at[rows[j], AT]
         for k in range(4 * width):
             raw[4 * width * j + k] = buf[o + k]
     return out

@@ -11,7 +11,8 @@ import math
 
 import numpy as np
 
-from collector.inputs import EMA_FIELDS, WEIGHT_FIELDS, DataConstants, EpochInput
+from collector.inputs import DataConstants, EpochInput
+from trainer_client.wire import EMA_FIELDS, WEIGHT_FIELDS
 
 
 def widen(raw: np.ndarray, dtype: str) -> np.ndarray:

@@ -50,7 +50,7 @@ finite = st.floats(allow_nan=False, allow_infinity=False)
 def step_frame(draw: st.DrawFn) -> bytes:
     names = draw(names_st)
     body = [draw(st.floats()), draw(st.none() | st.floats()), names,
-            [draw(st.floats()) for _ in names]]
+            [draw(st.floats()) for _ in names], draw(st.none() | st.floats())]
     world = draw(st.integers(1, 1 << 20))
     h = wire.Header(wire.KIND_STEP, draw(st.text(min_size=1, max_size=8)),
                     draw(st.integers(0, world - 1)), world, draw(st.integers(0, 2 ** 63 - 1)),
@@ -100,15 +100,17 @@ def test_what_the_bulk_parser_vouches_for_decodes_to_the_same_values(frames):
                     continue
                 assert not run_ok
             continue
-        if not s.fast[i]:  # only a non-finite loss or norm may be left to the slow path
+        if not s.fast[i]:  # only a non-finite loss, norm or lr may be left to the slow path
             assert not (math.isfinite(m.body[0])
-                        and (m.body[1] is None or math.isfinite(m.body[1])))
+                        and (m.body[1] is None or math.isfinite(m.body[1]))
+                        and (m.body[4] is None or math.isfinite(m.body[4])))
             continue
         assert s.ints[i].tolist() == [m.rank, m.world_size, m.instance, m.seq, m.step,
                                       m.epoch, m.dropped]
         gn = math.nan if m.body[1] is None else m.body[1]
         assert [m.wall_time, m.body[0]] == s.floats[i, :2].tolist()
         assert _same(gn, s.floats[i, 2])
+        assert _same(math.nan if m.body[4] is None else m.body[4], s.floats[i, 3])
         o, n = s.comp_at[i]
         assert all(_same(x, y) for x, y in zip(s.comps[o:o + n], m.body[3], strict=True))
         assert int(s.key[i]) == stepscan.stream_key(m.run, m.rank, m.instance)
@@ -151,7 +153,8 @@ def _traffic(seed: int) -> list[list[bytes]]:
                                       np.random.default_rng(seq).random(width, np.float32)
                                       .tobytes())] if width else []
                     emit.append(msg(run, rank, world, inst, seq, wire.KIND_STEP,
-                                    [loss, rng.random(), names, [rng.random() for _ in names]],
+                                    [loss, rng.random(), names, [rng.random() for _ in names],
+                                     1e-3 * rng.random() if run == "alpha" else None],
                                     step, epoch, ts))
                     if rng.random() < 0.03:
                         emit.append(emit[-1])  # a duplicate

@@ -51,8 +51,8 @@ def test_log_calls_read_no_tensor_values_on_the_training_thread(tmp_path, dtype)
     terms = {"simple": out[:, 0].pow(2).mean(), "vel": out[:, 1].abs().mean(), "fk": 0.25}
     samples = torch.randn(4, 10, 3).to(dtype)
     with OpLog() as log:
-        tw.log_step(loss, terms, model=model, grad_norm=norm)
-        tw.log_step(loss, terms, model=model)  # norm computed on the device
+        tw.log_step(loss, terms, model=model, grad_norm=norm, lr=torch.tensor(0.01))
+        tw.log_step(loss, terms, model=model, lr=0.01)  # norm computed on the device
         tw.log_validation(1, samples, ["a", "b", "c"])
         tw.log_epoch(1, model=model, ema_model=ema)
     tw.close(timeout=1.0)
@@ -122,8 +122,38 @@ def test_cpu_tensor_changed_in_place_before_sending_is_dropped_not_misreported(t
         got.append(m)
     steps = [m.body for m in got if m.kind == wire.KIND_STEP]
     assert tw.stats["dropped_by_reason"]["mutated"] == 1
-    assert steps == [[5.0, None, ["a"], [0.5]]]
+    assert steps == [[5.0, None, ["a"], [0.5], None]]
     assert got[-1].kind == wire.KIND_BYE and got[-1].dropped == 1
+    pull.close(0)
+    ctx.term()
+
+
+def test_the_learning_rate_travels_with_each_step_as_given(tmp_path):
+    import zmq
+
+    from trainer_client import wire
+
+    ctx = zmq.Context()
+    pull = ctx.socket(zmq.PULL)
+    ep = f"ipc://{tmp_path}/pull.sock"
+    pull.bind(ep)
+    model, _ = _model()
+    model(torch.randn(4, 6)).sum().backward()
+    opt = torch.optim.SGD(model.parameters(), lr=torch.tensor(0.125))  # a tensor lr
+    tw = TrainerClient(endpoint=ep, run="lr", rank=0, world_size=1)
+    loss = torch.tensor(1.5)
+    tw.log_step(loss, lr=0.25)  # host values
+    tw.log_step(loss, lr=torch.tensor(0.5))
+    tw.log_step(loss, model=model, lr=opt.param_groups[0]["lr"])  # the device path
+    tw.log_step(loss, {"a": torch.tensor(2.0)}, model=model, lr=1e-3)
+    tw.log_step(loss, model=model)
+    tw.close(timeout=5.0)
+    got = []
+    while pull.poll(2000):
+        got.append(wire.decode(pull.recv_multipart()))
+    steps = [m.body for m in got if m.kind == wire.KIND_STEP]
+    assert [b[4] for b in steps] == [0.25, 0.5, 0.125, 1e-3, None]
+    assert [b[0] for b in steps] == [1.5] * 5 and steps[3][2:4] == [["a"], [2.0]]
     pull.close(0)
     ctx.term()
 

@@ -28,7 +28,7 @@ def test_step_round_trip_with_raw_tensor():
     m = wire.decode([bytes(f) for f in frames])
     assert (m.kind, m.run, m.rank, m.world_size, m.seq, m.step, m.epoch) == (
         wire.KIND_STEP, "r", 0, 2, 3, 4, 1)
-    assert m.body == [0.5, 1.0, ["a"], [0.25]]
+    assert m.body == [0.5, 1.0, ["a"], [0.25], None]
     assert np.array_equal(np.frombuffer(m.tensors["param_norms"].data, np.float32), pn)
 
 
@@ -45,10 +45,25 @@ def test_a_step_is_one_binary_frame_and_reads_like_the_msgpack_layout():
     binary = wire.decode(frames)
     legacy = wire.decode(_frames(h, [["param_norms", "float32", [3]]], [pn.data]))
     assert binary[:11] == legacy[:11]
-    assert binary.body == [0.5, None, ["simple", "vélo"], [0.25, float("inf")]]
+    assert binary.body == [0.5, None, ["simple", "vélo"], [0.25, float("inf")], None]
     assert bytes(binary.tensors["param_norms"].data) == pn.data
     no_pn = wire.decode(wire.encode(h, []))
     assert no_pn.tensors == {} and no_pn.body[1] is None
+
+
+def test_a_step_carries_the_learning_rate_and_version_1_steps_still_read():
+    h = _header(body=[0.5, 1.0, ["a"], [0.25], 3e-4])
+    assert wire.decode(wire.encode(h, [])).body == [0.5, 1.0, ["a"], [0.25], 3e-4]
+    assert wire.decode(_frames(h)).body[4] == 3e-4  # msgpack steps may carry it too
+    # A version-1 frame (before lr): the fixed part without lr, read by the same decoder.
+    v2 = wire.encode(_header(), [])[0]
+    fields = list(wire.STEP_LAYOUT.unpack_from(v2))
+    fields[2], fields[3] = 1, fields[3] & ~wire.STEP_HAS_LR
+    v1 = wire.STEP_LAYOUT_V1.pack(*fields[:-1]) + v2[wire.STEP_LAYOUT.size:]
+    assert wire.decode([v1]).body == [0.5, 1.0, ["a"], [0.25], None]
+    fields[3] |= wire.STEP_HAS_LR  # version 1 had no lr flag
+    v1 = wire.STEP_LAYOUT_V1.pack(*fields[:-1]) + v2[wire.STEP_LAYOUT.size:]
+    assert _bad([v1]) == "size_mismatch"
 
 
 def _step_frame(**kw):
@@ -66,7 +81,7 @@ def _patch(frame, field, value):
 @pytest.mark.parametrize("field,value,reason", [
     (1, 0x54, "bad_kind"),
     (2, 9, "bad_version"),
-    (3, 4, "size_mismatch"),  # an unknown flag
+    (3, 8, "size_mismatch"),  # an unknown flag
     (5, 3, "size_mismatch"),  # more components than the frame holds
     (4, 0, "bad_field"),  # an empty run... and so the lengths no longer add up either
     (8, 2, "bad_field"),  # rank == world

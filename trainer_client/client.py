@@ -30,8 +30,7 @@ import threading
 import time
 import weakref
 from collections.abc import Mapping, Sequence
-from functools import partial
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -44,8 +43,6 @@ __all__ = ["TrainerClient"]
 _log = logging.getLogger("trainwatch.client")
 _clients: weakref.WeakSet[TrainerClient] = weakref.WeakSet()
 
-_DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32",
-                torch.float64: "float64"}
 _CHUNK_BYTES = 8 << 20  # data-stats chunks: big enough to amortise, small enough to interleave
 
 
@@ -164,12 +161,15 @@ class TrainerClient:
     def log_step(self, loss: torch.Tensor | float,
                  components: Mapping[str, torch.Tensor | float] | None = None,
                  model: nn.Module | None = None,
-                 grad_norm: torch.Tensor | float | None = None) -> None:
+                 grad_norm: torch.Tensor | float | None = None,
+                 lr: torch.Tensor | float | None = None) -> None:
         """One optimisation step, after backward: loss, loss terms, gradient norms.
 
         The global gradient L2 norm is ``grad_norm`` when given (e.g. what
         ``clip_grad_norm_`` returned), else computed on the device from ``model``'s
-        gradients. With a model, the per-parameter gradient norms travel too.
+        gradients. With a model, the per-parameter gradient norms travel too. ``lr`` is
+        the optimizer's current rate (e.g. ``scheduler.get_last_lr()[0]``), so remedies
+        quote the rate the run really had.
         """
         if self._closed:
             self._after_close += 1
@@ -181,10 +181,10 @@ class TrainerClient:
             comps = dict(components) if components else {}
             self._step += 1
             self._enqueue(wire.KIND_STEP, _host_step,
-                          (loss, comps, grad_norm, _versions(loss, comps, grad_norm)),
+                          (loss, comps, grad_norm, lr, _versions(loss, comps, grad_norm, lr)),
                           step=self._step)
             return
-        # Vector layout on the device: [loss?, tensor terms..., grad_norm?, param norms...]
+        # Vector layout on the device: [loss?, tensor terms..., grad_norm?, lr?, param norms...]
         tensor = torch.Tensor
         parts: list[torch.Tensor] = []
         t_names: list[str] = []
@@ -211,6 +211,13 @@ class TrainerClient:
         elif pn is not None:
             parts.append(torch.linalg.vector_norm(pn[1]))
             has_gn = True
+        lr_float: float | None = None
+        has_lr = isinstance(lr, tensor)
+        if has_lr:  # an optimizer's tensor lr lives on the CPU: copied now, no read
+            lr_t = _scalar(lr, "lr")
+            parts.append(lr_t.to(parts[0].device, non_blocking=True) if parts else lr_t)
+        elif lr is not None:
+            lr_float = float(lr)
         host = event = None
         if parts:
             # One stack with grad mode off: a snapshot, no autograd node holding the graph.
@@ -226,10 +233,10 @@ class TrainerClient:
             finally:
                 torch._C._set_grad_enabled(grad_was)
             host, event = reductions.to_host(vec)
-        spec = (loss_is_tensor, t_names, f_names, f_vals, has_gn, gn_float, len(parts),
-                pn is not None, None if loss_is_tensor else float(loss))
+        layout = _StepVector(None if loss_is_tensor else float(loss), t_names, f_names, f_vals,
+                             has_gn, gn_float, has_lr, lr_float, len(parts), pn is not None)
         self._step += 1
-        self._enqueue(wire.KIND_STEP, partial(_step_body, spec), host, event, step=self._step)
+        self._enqueue(wire.KIND_STEP, layout.body, host, event, step=self._step)
 
     def log_epoch(self, epoch: int, model: nn.Module | None = None,
                   ema_model: nn.Module | None = None) -> None:
@@ -254,7 +261,8 @@ class TrainerClient:
 
         def build(h: torch.Tensor | None) -> tuple:
             v = h.tolist() if h is not None else []
-            body = {"weights": v[:5] or None, "ema": v[5:7] or None, "param_names": names}
+            body = {"weights": v[:_NW] or None, "ema": v[_NW:_NW + _NE] or None,
+                    "param_names": names}
             return body, []
 
         self._enqueue(wire.KIND_EPOCH, build, host, event, epoch=epoch)
@@ -332,19 +340,25 @@ class TrainerClient:
         self._pid = -1
 
 
-def _versions(loss: Any, comps: dict, grad_norm: Any) -> list[int]:
-    return [v._version for v in (loss, grad_norm, *comps.values())
-            if isinstance(v, torch.Tensor)]
+def _versions(*values: Any) -> list[int]:
+    out = []
+    for v in values:
+        if isinstance(v, dict):
+            out += _versions(*v.values())
+        elif isinstance(v, torch.Tensor):
+            out.append(v._version)
+    return out
 
 
 def _host_step(h: tuple) -> tuple:
     """A step's wire body from host values (sender thread); see ``log_step``."""
-    loss, comps, grad_norm, versions = h
-    if _versions(loss, comps, grad_norm) != versions:
+    loss, comps, grad_norm, lr, versions = h
+    if _versions(loss, comps, grad_norm, lr) != versions:
         raise reductions.MutatedError("a logged tensor was changed in place before it was sent")
     try:
         body = [_float(loss), None if grad_norm is None else _float(grad_norm),
-                [str(k) for k in comps], [_float(v) for v in comps.values()]]
+                [str(k) for k in comps], [_float(v) for v in comps.values()],
+                None if lr is None else _float(lr)]
     except (TypeError, ValueError, RuntimeError) as exc:
         raise ValueError(f"log_step takes scalars (tensors of one element or floats): {exc}"
                          ) from None
@@ -355,16 +369,35 @@ def _float(v: Any) -> float:
     return float(v.detach()) if isinstance(v, torch.Tensor) else float(v)
 
 
-def _step_body(spec: tuple, h: torch.Tensor | None) -> tuple:
-    """A step's wire body from the host copy of its device vector (sender thread)."""
-    loss_is_tensor, t_names, f_names, f_vals, has_gn, gn_float, n_t, has_pn, f_loss = spec
-    head = h[:n_t].tolist() if h is not None else []
-    off = 1 if loss_is_tensor else 0
-    n_tc = len(t_names)
-    gn = head[off + n_tc] if has_gn else gn_float
-    body = [head[0] if loss_is_tensor else f_loss, gn, t_names + f_names,
-            head[off:off + n_tc] + f_vals]
-    return body, [_raw(h[n_t:], "param_norms", "float32")] if has_pn else []
+class _StepVector(NamedTuple):
+    """Where a step's values sit in the device vector the sender reads back:
+    ``[loss?, tensor terms..., grad_norm?, lr?, param norms...]``; values given as
+    floats travel beside it."""
+
+    loss: float | None  # the loss when given as a float; else the vector's first value
+    tensor_names: list[str]
+    float_names: list[str]
+    float_values: list[float]
+    has_grad_norm: bool  # in the vector
+    grad_norm: float | None  # given as a float
+    has_lr: bool
+    lr: float | None
+    n_scalars: int  # values before the param norms
+    has_param_norms: bool
+
+    def body(self, h: torch.Tensor | None) -> tuple:
+        """The step's wire body from the host copy of the vector (sender thread)."""
+        head = h[:self.n_scalars].tolist() if h is not None else []
+        at = 0 if self.loss is not None else 1
+        loss = self.loss if self.loss is not None else head[0]
+        terms = head[at:at + len(self.tensor_names)]
+        at += len(self.tensor_names)
+        gn = head[at] if self.has_grad_norm else self.grad_norm
+        at += self.has_grad_norm
+        lr = head[at] if self.has_lr else self.lr
+        body = [loss, gn, self.tensor_names + self.float_names, terms + self.float_values, lr]
+        pn = [_raw(h[self.n_scalars:], "param_norms", "float32")] if self.has_param_norms else []
+        return body, pn
 
 
 def _scalar(t: torch.Tensor, name: str) -> torch.Tensor:
@@ -376,9 +409,12 @@ def _scalar(t: torch.Tensor, name: str) -> torch.Tensor:
     return t.reshape(())
 
 
+_NW, _NE = len(wire.WEIGHT_FIELDS), len(wire.EMA_FIELDS)  # the epoch vector's two parts
+
+
 def _dtype_name(t: torch.Tensor) -> str:
-    name = _DTYPE_NAMES.get(t.dtype)
-    if name is None:
+    name = str(t.dtype).removeprefix("torch.")
+    if name not in wire.FLOAT_DTYPES:
         raise TypeError(f"trainwatch ships float16/bfloat16/float32/float64 tensors, not {t.dtype}")
     return name
 

@@ -40,7 +40,12 @@ import msgpack
 
 __all__ = [
     "DTYPES",
+    "EMA_FIELDS",
+    "FLOAT_DTYPES",
+    "STEP_BODY",
+    "STEP_FIELDS",
     "STEP_LAYOUT",
+    "WEIGHT_FIELDS",
     "KINDS",
     "VERSION",
     "DecodeError",
@@ -74,6 +79,12 @@ KINDS = {
 
 # dtype name -> bytes per element. bfloat16/float16 travel as they are; the collector widens.
 DTYPES = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8, "int64": 8, "int32": 4}
+# The dtypes samples and data may have (torch's names without "torch.").
+FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
+# An epoch's weight summary (float64, summed on the device over every parameter element)
+# and its EMA summary (element count, sum of |w_ema - w|), in this order.
+WEIGHT_FIELDS = ("count", "sum_abs", "sum", "sum_sq", "max_abs")
+EMA_FIELDS = ("count", "sum_abs_diff")
 MAX_DIMS = 8
 MAX_RUN_LEN = 256
 MAX_WORLD = 1 << 20
@@ -140,23 +151,34 @@ def encode(header: Header, tensors: list[Tensor]) -> list[bytes | memoryview]:
 
 # -- the binary step layout ------------------------------------------------------------------
 # magic tag version flags | run_len n_comp | names_len n_pnorm rank world |
-# instance seq step epoch dropped | wall loss grad_norm, then
+# instance seq step epoch dropped | wall loss grad_norm lr, then
 # n_comp float64 values, n_pnorm float32 parameter norms, the run (utf-8), and the names:
-# n_comp times (u16 length, utf-8). flags: 1 = grad_norm present, 2 = param_norms present.
-STEP_LAYOUT = struct.Struct("<BBBBHHIIII5Q3d")
+# n_comp times (u16 length, utf-8). flags: 1 = grad_norm present, 2 = param_norms present,
+# 4 = lr present. Version 1 (no lr field) is still read, by the per-message path.
+STEP_FIELDS = ("magic", "tag", "version", "flags", "run_len", "n_comp", "names_len", "n_pn",
+               "rank", "world", "instance", "seq", "step", "epoch", "dropped", "wall", "loss",
+               "grad_norm", "lr")
+STEP_LAYOUT = struct.Struct("<BBBBHHIIII5Q4d")
+STEP_LAYOUT_V1 = struct.Struct("<BBBBHHIIII5Q3d")
 STEP_MAGIC = 0xC1  # never a msgpack first byte
 STEP_TAG = 0x53
-STEP_VERSION = 1
+STEP_VERSION = 2
 STEP_HAS_GN = 1
 STEP_HAS_PN = 2
+STEP_HAS_LR = 4
+STEP_FLAGS = STEP_HAS_GN | STEP_HAS_PN | STEP_HAS_LR
+# A step's body, decoded: [loss, grad_norm | None, names, values, lr | None].
+STEP_BODY = ("loss", "grad_norm", "names", "values", "lr")
 _STEP_FIRST = bytes((STEP_MAGIC,))
 _U63 = 1 << 63
 _NAME_LEN = struct.Struct("<H")
 
 
 def encode_step(header: Header, tensors: list[Tensor]) -> bytes:
-    """A step message as one binary frame. ``header.body`` = [loss, grad_norm, names, values]."""
-    loss, gn, names, values = header.body
+    """A step message as one binary frame. ``header.body`` = [loss, grad_norm, names, values]
+    or the same and ``lr`` (``STEP_BODY``); grad_norm and lr may be None."""
+    loss, gn, names, values, *rest = header.body
+    lr = rest[0] if rest else None
     if len(names) != len(values):
         raise ValueError("step: one value per component name")
     pn = b""
@@ -168,12 +190,13 @@ def encode_step(header: Header, tensors: list[Tensor]) -> bytes:
         pn = bytes(t.data)
     run = header.run.encode()
     name_blob = _names_blob(names)
-    flags = (STEP_HAS_GN if gn is not None else 0) | (STEP_HAS_PN if tensors else 0)
+    flags = (STEP_HAS_GN if gn is not None else 0) | (STEP_HAS_PN if tensors else 0) \
+        | (STEP_HAS_LR if lr is not None else 0)
     head = _step_struct(len(values)).pack(
         STEP_MAGIC, STEP_TAG, STEP_VERSION, flags, len(run), len(values), len(name_blob),
         len(pn) // 4, header.rank, header.world_size, header.instance, header.seq,
         header.step, header.epoch, header.dropped, header.wall_time, loss,
-        0.0 if gn is None else gn, *values)
+        0.0 if gn is None else gn, 0.0 if lr is None else lr, *values)
     return b"".join((head, pn, run, name_blob))
 
 
@@ -227,16 +250,21 @@ def _decode_step(frame: bytes | memoryview, n_frames: int) -> Message:
     """The binary step layout, checked field by field (the collector's bulk parser accepts
     a subset of what this accepts, and reads the same values)."""
     size = len(frame)
-    if n_frames != 1 or size < STEP_LAYOUT.size:
+    version = frame[2] if size > 2 else 0
+    layout = STEP_LAYOUT_V1 if version == 1 else STEP_LAYOUT
+    if n_frames != 1 or size < layout.size:
         raise DecodeError("bad_header", "binary step: one frame of at least the fixed size")
+    fields = layout.unpack_from(frame, 0)
     (_, tag, version, flags, run_len, n_comp, names_len, n_pn, rank, world, instance, seq,
-     step, epoch, dropped, wall, loss, gn) = STEP_LAYOUT.unpack_from(frame, 0)
+     step, epoch, dropped, wall, loss, gn) = fields[:18]
+    lr = fields[18] if version != 1 and flags & STEP_HAS_LR else None
     if tag != STEP_TAG:
         raise DecodeError("bad_kind", f"binary tag {tag}")
-    if version != STEP_VERSION:
+    if version not in (1, STEP_VERSION):
         raise DecodeError("bad_version", f"binary step {version}")
-    off = STEP_LAYOUT.size
-    if flags & ~(STEP_HAS_GN | STEP_HAS_PN) or (n_pn and not flags & STEP_HAS_PN) \
+    off = layout.size
+    known = STEP_FLAGS if version != 1 else STEP_HAS_GN | STEP_HAS_PN
+    if flags & ~known or (n_pn and not flags & STEP_HAS_PN) \
             or off + 8 * n_comp + 4 * n_pn + run_len + names_len != size:
         raise DecodeError("size_mismatch", "binary step lengths")
     mv = memoryview(frame)
@@ -260,7 +288,7 @@ def _decode_step(frame: bytes | memoryview, n_frames: int) -> Message:
         p0 = off + 8 * n_comp
         tensors = {"param_norms": Tensor("param_norms", "float32", (n_pn,),
                                          mv[p0:p0 + 4 * n_pn])}
-    body = [loss, gn if flags & STEP_HAS_GN else None, names, values]
+    body = [loss, gn if flags & STEP_HAS_GN else None, names, values, lr]
     return Message(KIND_STEP, run, rank, world, instance, seq, step, epoch, wall, dropped,
                    body, tensors)
 
@@ -312,7 +340,6 @@ def decode(frames: list[bytes] | list[memoryview]) -> Message:
 
 _isfinite = math.isfinite
 _NO_TENSORS: dict[str, Tensor] = {}
-_FLOATS = ("float16", "bfloat16", "float32", "float64")
 _NUM_TYPES = frozenset((int, float))
 _MAX_EXTENT = 1 << 62
 
@@ -378,7 +405,7 @@ def _check_data(body: Any, tensors: dict, run: str) -> dict:
         raise DecodeError("bad_body", "data chunk index", run)
     if not _str_list(channels) or "chunk" not in tensors:
         raise DecodeError("bad_body", "data channels or chunk", run)
-    if tensors["chunk"].dtype not in _FLOATS:
+    if tensors["chunk"].dtype not in FLOAT_DTYPES:
         raise DecodeError("bad_tensors", "data chunk dtype", run)
     shape = tensors["chunk"].shape
     if not shape or shape[-1] != len(channels):
@@ -397,12 +424,15 @@ _known_names: list = [[]]
 
 
 def _check_step(body: Any, tensors: dict, run: str) -> list:
-    if type(body) is not list or len(body) != 4:
+    """A msgpack step (recordings older than the binary layout): 4 fields, or 5 with lr."""
+    if type(body) is not list or len(body) not in (4, 5):
         raise DecodeError("bad_body", "step", run)
-    loss, grad_norm, names, values = body
+    loss, grad_norm, names, values, *rest = body
+    lr = rest[0] if rest else None
     if (type(loss) is not float and type(loss) is not int) or not (
-            grad_norm is None or type(grad_norm) is float or type(grad_norm) is int):
-        raise DecodeError("bad_body", "step loss or grad_norm", run)
+            grad_norm is None or type(grad_norm) is float or type(grad_norm) is int) or not (
+            lr is None or type(lr) is float or type(lr) is int):
+        raise DecodeError("bad_body", "step loss, grad_norm or lr", run)
     if names != _known_names[0]:
         if not _str_list(names):
             raise DecodeError("bad_body", "step components", run)
@@ -415,12 +445,12 @@ def _check_step(body: Any, tensors: dict, run: str) -> list:
         if pn is None or len(tensors) != 1 or len(pn.shape) != 1 or pn.dtype != "float32":
             raise DecodeError("bad_tensors", "a step carries only 1-D float32 param_norms",
                               run)
-    return body
+    return body if rest else [*body, None]
 
 
 def _check_epoch(body: Any, tensors: dict, run: str) -> dict:
     body = _map(body, run)
-    for key, n in (("weights", 5), ("ema", 2)):
+    for key, n in (("weights", len(WEIGHT_FIELDS)), ("ema", len(EMA_FIELDS))):
         v = body.get(key)
         if v is not None and not (type(v) is list and len(v) == n
                                   and _NUM_TYPES.issuperset(map(type, v))):
@@ -435,7 +465,7 @@ def _check_validation(body: Any, tensors: dict, run: str) -> dict:
     body = _map(body, run)
     channels = body.get("channels")
     samples = tensors.get("samples")
-    if samples is None or not samples.shape or samples.dtype not in _FLOATS:
+    if samples is None or not samples.shape or samples.dtype not in FLOAT_DTYPES:
         raise DecodeError("bad_body", "validation samples", run)
     if "epoch" in body and (type(body["epoch"]) is not int or body["epoch"] < 0):
         raise DecodeError("bad_body", "validation epoch", run)
