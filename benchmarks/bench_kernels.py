@@ -18,7 +18,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from collector.kernels import as_kernel_input, channel_moments, moments_1d  # noqa: E402
+from collector.analysis.kernels import as_kernel_input, channel_moments, moments_1d  # noqa: E402
 
 N = 10_000_000
 

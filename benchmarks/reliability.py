@@ -84,7 +84,7 @@ def check_load(tmp: Path, c: Check) -> None:
 
 
 def check_collector_killed(tmp: Path, c: Check) -> None:
-    from collector.recording import ReadStats, read_records
+    from collector.recording.reader import ReadStats, read_records
 
     ep = harness.free_tcp()
     rec = tmp / "run.twrec"

@@ -128,9 +128,9 @@ def bench_client(tmp: Path, rounds: int = 7, steps: int = 150) -> dict:
 
 
 def _serve(endpoint: str) -> None:
-    from collector.pipeline import Pipeline
-    from collector.profile import load_profile
-    from collector.server import Collector
+    from collector.analysis.profile import load_profile
+    from collector.ingest.pipeline import Pipeline
+    from collector.ingest.server import Collector
 
     Collector([endpoint], Pipeline(load_profile(None))).serve()
 
@@ -170,7 +170,7 @@ def _receive(endpoint: str, total: int, pipeline: object | None, frames: bool = 
     """
     import zmq
 
-    from collector.server import DRAIN_BATCH, DRAIN_LIMIT, Collector, receive
+    from collector.ingest.server import DRAIN_BATCH, DRAIN_LIMIT, Collector, receive
 
     ctx = zmq.Context()
     s = ctx.socket(zmq.PULL)
@@ -208,9 +208,9 @@ def _receive(endpoint: str, total: int, pipeline: object | None, frames: bool = 
 
 def bench_ingest(tmp: Path, total: int = 200_000, rounds: int = 5) -> dict:
     """Rounds of (bare, bare zero-copy, collector), interleaved so drift hits all alike."""
-    from collector.pipeline import Pipeline
-    from collector.profile import load_profile
-    from collector.recording import RecordWriter
+    from collector.analysis.profile import load_profile
+    from collector.ingest.pipeline import Pipeline
+    from collector.recording.writer import RecordWriter
 
     rec = tmp / "ingest.twrec"
     bare, frames, col = [], [], []
@@ -231,8 +231,8 @@ def bench_ingest(tmp: Path, total: int = 200_000, rounds: int = 5) -> dict:
 
 # -- 3. replay -----------------------------------------------------------------------------
 def bench_replay(rec: Path) -> dict:
-    from collector.pipeline import Pipeline
-    from collector.profile import load_profile
+    from collector.analysis.profile import load_profile
+    from collector.ingest.pipeline import Pipeline
 
     best = 0.0
     for _ in range(3):

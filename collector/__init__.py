@@ -6,7 +6,10 @@ Runs without torch (a login node has none). ``trainwatch collect`` serves the so
     from collector import Pipeline, load_profile, replay
     pipe, stats = replay(["run.twrec"], load_profile(None))
 
-Names are imported on first use, so ``import collector.report`` does not pull in numba.
+One sub-package per stage of the flow: ``ingest`` (socket, decode, state) ->
+``recording`` (the durable log) -> ``analysis`` (kernels, rules) -> ``records`` (typed) ->
+``sinks`` (JSONL, wandb, console) and ``report`` (HTML, live board). Names are imported on
+first use, so ``import collector.report`` does not pull in numba.
 """
 
 from importlib import import_module
@@ -14,8 +17,9 @@ from typing import Any
 
 __all__ = ["Pipeline", "RecordWriter", "load_profile", "read_records", "replay"]
 
-_WHERE = {"Pipeline": "pipeline", "replay": "pipeline", "load_profile": "profile",
-          "RecordWriter": "recording", "read_records": "recording"}
+_WHERE = {"Pipeline": "ingest.pipeline", "replay": "ingest.pipeline",
+          "load_profile": "analysis.profile", "RecordWriter": "recording.writer",
+          "read_records": "recording.reader"}
 
 
 def __getattr__(name: str) -> Any:

@@ -18,23 +18,23 @@ import logging
 import sys
 from pathlib import Path
 
-from .sinks import FanOut, Sink
+from collector.sinks.base import FanOut, Sink
 
 __all__ = ["main"]
 
 
 def _sinks(args: argparse.Namespace, default_wandb: str | None, replaying: bool = False
            ) -> list[Sink]:
-    from .sinks.console import EventLogSink
+    from collector.sinks.console import EventLogSink
 
     sinks: list[Sink] = [EventLogSink()]
     if getattr(args, "jsonl", None):
-        from .sinks.jsonl import JsonlSink
+        from collector.sinks.jsonl import JsonlSink
 
         sinks.append(JsonlSink(args.jsonl))
     mode = args.wandb_mode or default_wandb
     if mode != "disabled":
-        from .sinks.wandb_sink import WandbSink
+        from collector.sinks.wandb_sink import WandbSink
 
         sinks.append(WandbSink(project=args.wandb_project, entity=args.wandb_entity,
                                group=args.wandb_group, mode=mode, dir=args.wandb_dir,
@@ -44,7 +44,7 @@ def _sinks(args: argparse.Namespace, default_wandb: str | None, replaying: bool 
 
 
 def _profile(args: argparse.Namespace):  # noqa: ANN202 - a Profile
-    from .profile import ProfileError, load_profile
+    from collector.analysis.profile import ProfileError, load_profile
 
     try:
         return load_profile(args.rules)
@@ -53,9 +53,9 @@ def _profile(args: argparse.Namespace):  # noqa: ANN202 - a Profile
 
 
 def cmd_collect(args: argparse.Namespace) -> int:
-    from .pipeline import Pipeline
-    from .recording import RecordWriter
-    from .server import Collector, check_binds, rebuild
+    from collector.ingest.pipeline import Pipeline
+    from collector.ingest.server import Collector, check_binds, rebuild
+    from collector.recording.writer import RecordWriter
 
     check_binds(args.bind, bool(args.curve_keys), args.insecure)
     profile = _profile(args)
@@ -69,7 +69,7 @@ def cmd_collect(args: argparse.Namespace) -> int:
         pipe.recorder = RecordWriter(path)
     view = None
     if not args.no_view:
-        from .liveview import make_view
+        from collector.report.liveview import make_view
 
         view = make_view(sys.stdout)
     collector = Collector(args.bind, pipe, curve_keys=args.curve_keys, once=args.once,
@@ -78,7 +78,7 @@ def cmd_collect(args: argparse.Namespace) -> int:
 
 
 def cmd_replay(args: argparse.Namespace, default_wandb: str = "disabled") -> int:
-    from .pipeline import replay
+    from collector.ingest.pipeline import replay
 
     sinks = FanOut(_sinks(args, default_wandb, replaying=True))
     pipe, st = replay(args.recording, _profile(args), sinks)
@@ -94,7 +94,7 @@ def cmd_upload(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from .inspect import format_table, inspect_recording
+    from collector.recording.inspect import format_table, inspect_recording
 
     info = inspect_recording(args.recording)
     print(json.dumps(info, indent=2, sort_keys=True) if args.json else format_table(info))
@@ -102,9 +102,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from .pipeline import replay
-    from .report import write_report
-    from .sinks.jsonl import MemorySink
+    from collector.ingest.pipeline import replay
+    from collector.report.html import write_report
+    from collector.sinks.jsonl import MemorySink
 
     mem = MemorySink()
     pipe, _ = replay(args.recording, _profile(args), mem)
@@ -114,7 +114,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
-    from .keys import generate
+    from collector.ingest.auth import generate
 
     d = generate(args.dir)
     print(f"wrote CURVE keys to {d} (server.key*, client.key*, authorized/)")
@@ -122,8 +122,8 @@ def cmd_keys(args: argparse.Namespace) -> int:
 
 
 def cmd_forward(args: argparse.Namespace) -> int:
-    from .forward import forward
-    from .server import check_binds
+    from collector.ingest.forward import forward
+    from collector.ingest.server import check_binds
 
     check_binds([args.bind], False, args.insecure)
     forward(args.bind, args.connect, args.curve_keys)
@@ -131,7 +131,7 @@ def cmd_forward(args: argparse.Namespace) -> int:
 
 
 def cmd_dashboard(args: argparse.Namespace) -> int:
-    from .dashboard import create_workspace
+    from collector.report.dashboard import create_workspace
 
     print(create_workspace(args.project, args.entity))
     return 0

@@ -11,7 +11,7 @@ import math
 
 import numpy as np
 
-from collector.inputs import DataConstants, EpochInput
+from collector.analysis.inputs import DataConstants, EpochInput
 from trainer_client.wire import EMA_FIELDS, WEIGHT_FIELDS
 
 

@@ -14,10 +14,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from collector import recordscan, stepscan
-from collector.pipeline import Batch, Pipeline, replay
-from collector.profile import load_profile
-from collector.recording import MESSAGE, RecordWriter, pack_record, read_records
+from collector.analysis.profile import load_profile
+from collector.ingest import stepscan
+from collector.ingest.pipeline import Batch, Pipeline, replay
+from collector.recording import scan as recordscan
+from collector.recording.format import MESSAGE, pack_record
+from collector.recording.reader import read_records
+from collector.recording.writer import RecordWriter
 from collector.sinks.jsonl import MemorySink
 from trainer_client import wire
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from collector import dashboard
-from collector.dashboard import (
+from collector.report import dashboard
+from collector.report.dashboard import (
     THRESHOLD_SERIES,
     WorkspaceError,
     build_workspace,
@@ -96,7 +96,7 @@ def test_create_workspace_without_an_api_key_says_so(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
     env.update(HOME=str(tmp_path), NETRC=str(tmp_path / "netrc"),
                WANDB_CONFIG_DIR=str(tmp_path / "wandb"), PYTHONPATH=str(REPO))
-    code = ("from collector.dashboard import create_workspace, WorkspaceError\n"
+    code = ("from collector.report.dashboard import create_workspace, WorkspaceError\n"
             "try:\n    create_workspace('gait', 'team')\n"
             "except WorkspaceError as e:\n    print('ERR', e)\n")
     out = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path,

@@ -23,7 +23,7 @@ def test_short_demo_end_to_end(tmp_path):
                        text=True, timeout=400)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     assert "=== trainwatch verdict" in r.stdout
-    from collector.report import LEVEL_TEXT
+    from collector.report.html import LEVEL_TEXT
 
     assert any(f"\n{v.upper()}" in r.stdout for v in LEVEL_TEXT.values())
     assert "wandb offline run" in r.stdout and "3 history rows" in r.stdout

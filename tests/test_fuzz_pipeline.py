@@ -25,9 +25,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from collector.pipeline import Batch, Pipeline, replay
-from collector.profile import load_profile
-from collector.recording import RecordWriter
+from collector.analysis.profile import load_profile
+from collector.ingest.pipeline import Batch, Pipeline, replay
+from collector.recording.writer import RecordWriter
 from collector.sinks.jsonl import MemorySink
 from trainer_client import wire
 
@@ -437,9 +437,9 @@ _HUGE_COUNT = """
 import resource, sys, time
 resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))
 sys.path.insert(0, sys.argv[1])
-from collector.pipeline import Batch, Pipeline, replay
-from collector.profile import load_profile
-from collector.recording import RecordWriter
+from collector.ingest.pipeline import Batch, Pipeline, replay
+from collector.analysis.profile import load_profile
+from collector.recording.writer import RecordWriter
 from trainer_client import wire
 p = Pipeline(load_profile(None))
 def msg(kind, seq, body, ts=()):

@@ -15,9 +15,9 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from collector.datastats import DataStatsAccumulator
-from collector.inputs import DataConstants, EpochInput, StepSeries, ValidationInput
-from collector.kernels import (
+from collector.analysis.datastats import DataStatsAccumulator
+from collector.analysis.inputs import DataConstants, EpochInput, StepSeries, ValidationInput
+from collector.analysis.kernels import (
     as_kernel_input,
     channel_moments,
     merge_moments,
@@ -25,8 +25,8 @@ from collector.kernels import (
     reduce_moments,
     window_median,
 )
-from collector.profile import load_profile
-from collector.stats import epoch_stats
+from collector.analysis.profile import load_profile
+from collector.analysis.stats import epoch_stats
 
 SETTINGS = settings(max_examples=60, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])

@@ -9,7 +9,7 @@ import select
 
 from rich.console import Console
 
-from collector.liveview import PlainView, RichView, make_view
+from collector.report.liveview import PlainView, RichView, make_view
 
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 

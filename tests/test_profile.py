@@ -7,9 +7,9 @@ import dataclasses
 import numpy as np
 import pytest
 
-from collector.health import RunHealth
-from collector.inputs import EpochInput, StepSeries
-from collector.profile import DEFAULT_PATH, ProfileError, load_profile
+from collector.analysis.health import RunHealth
+from collector.analysis.inputs import EpochInput, StepSeries
+from collector.analysis.profile import DEFAULT_PATH, ProfileError, load_profile
 
 
 def _write(tmp_path, text: str) -> str:

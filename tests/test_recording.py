@@ -6,7 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from collector.recording import CONTROL, MESSAGE, ReadStats, RecordWriter, read_records
+from collector.recording.format import CONTROL, MESSAGE
+from collector.recording.reader import ReadStats, read_records
+from collector.recording.writer import RecordWriter
 
 
 def _write(path: Path, n: int) -> list[list[bytes]]:

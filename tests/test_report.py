@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from collector.report import render_report, write_report
-from collector.report_model import epoch_spans, group_runs, summary_row, verdict
+from collector.report.html import render_report, write_report
+from collector.report.model import epoch_spans, group_runs, summary_row, verdict
 
 COLLAPSE_REMEDY = "learning rate 1e-4; batch size 64; train longer (1000 epochs)"
 STALL_REMEDY = "raise the learning rate (1e-4 -> 4e-4)"

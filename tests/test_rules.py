@@ -12,9 +12,9 @@ import math
 import numpy as np
 import pytest
 
-from collector.health import RunHealth
-from collector.inputs import DataConstants, EpochInput, StepSeries, ValidationInput
-from collector.profile import load_profile
+from collector.analysis.health import RunHealth
+from collector.analysis.inputs import DataConstants, EpochInput, StepSeries, ValidationInput
+from collector.analysis.profile import load_profile
 
 PROFILE = load_profile(None)
 CHANNELS = ["knee_angle_r", "grf_vz_r", "hip_r"]
@@ -327,7 +327,7 @@ def test_same_inputs_give_identical_output():
 
 
 def test_remedies_quote_non_finite_config_values_without_failing():
-    from collector.rules import format_value
+    from collector.analysis.rules import format_value
 
     assert [format_value(v) for v in (4e-4, 64, 0.5, float("inf"), float("nan"))] == [
         "4e-4", "64", "0.5", "inf", "nan"]

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 from conftest import ROOT, CollectorProc, env, finish
 
-from collector.profile import Profile, load_profile
+from collector.analysis.profile import Profile, load_profile
 
 SCENARIOS = ROOT / "tests" / "workers" / "scenarios.py"
 PHASES = "[phases]\nends = [3, 6]\n"

@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 from conftest import CollectorProc, env, finish, free_tcp, start_trainer
 
-from collector.recording import MESSAGE, ReadStats, read_records
+from collector.recording.format import MESSAGE
+from collector.recording.reader import ReadStats, read_records
 
 STEPS, EPOCHS, WORLD = 20, 3, 3
 

@@ -8,8 +8,7 @@ import sys
 
 import pytest
 from conftest import CollectorProc, env, finish, start_trainer
-
-from collector.wandb_readback import find_offline_runs, read_offline_run
+from support.wandb_readback import find_offline_runs, read_offline_run
 
 EPOCHS = 3
 

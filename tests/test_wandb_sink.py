@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from support.wandb_readback import find_offline_runs, iter_records, read_offline_run
 
 from collector.sinks.wandb_sink import (
     EVENT_COLUMNS,
@@ -25,7 +26,6 @@ from collector.sinks.wandb_sink import (
     resolve_mode,
     wandb_run_id,
 )
-from collector.wandb_readback import find_offline_runs, iter_records, read_offline_run
 
 RUN_A, RUN_B = "gait/job-17:lr=1e-4", "job-18"
 EPOCHS_A, EPOCHS_B = 4, 3
@@ -436,7 +436,8 @@ def test_readback_agrees_with_wandb_leet_inspect(offline):
 
 
 def test_importing_the_sink_does_not_import_wandb():
-    code = ("import sys, collector.sinks.wandb_sink, collector.wandb_readback; "
+    code = ("import sys; sys.path.insert(0, 'tests'); "
+            "import collector.sinks.wandb_sink, support.wandb_readback; "
             "sys.exit('wandb' in sys.modules)")
     root = Path(__file__).resolve().parents[1]
     assert subprocess.run([sys.executable, "-c", code], cwd=root).returncode == 0

@@ -118,7 +118,7 @@ def test_binary_step_framing_errors():
 
 
 def test_wire_imports_without_torch():
-    code = ("import sys; import trainer_client.wire, collector.pipeline; "
+    code = ("import sys; import trainer_client.wire, collector.ingest.pipeline; "
             "assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from . import Record
+from collector.sinks.base import Record
 
 _log = logging.getLogger("trainwatch.health")
 

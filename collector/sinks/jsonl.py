@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from . import Record
+from collector.sinks.base import Record
 
 
 def clean(v: Any) -> Any:

@@ -31,10 +31,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from . import Record
+from collector.sinks.base import Record
 
 try:
-    from ..dashboard import THRESHOLD_SERIES
+    from collector.report.dashboard import THRESHOLD_SERIES
 except ImportError:  # the dashboard module is optional; the series are the seed's thresholds
     THRESHOLD_SERIES = {"threshold/knee_r_std": 0.1, "threshold/grf_vz_r_std": 10.0}
 

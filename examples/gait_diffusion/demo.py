@@ -76,11 +76,11 @@ def run_demo(out: Path, inject: str, nproc: int, epochs: int | None, extra: list
 
 
 def verdict(records: list[dict]) -> tuple[str, list[str]]:
-    """The report's verdict for the run (one definition: ``collector.report_model``), and
+    """The report's verdict for the run (one definition: ``collector.report.model``), and
     printable lines on what fired, with the guide's remedies."""
-    from collector.report import LEVEL_TEXT
-    from collector.report_model import group_runs
-    from collector.report_model import verdict as run_verdict
+    from collector.report.html import LEVEL_TEXT
+    from collector.report.model import group_runs
+    from collector.report.model import verdict as run_verdict
 
     runs = group_runs(records)
     if not runs:
@@ -131,7 +131,8 @@ def main() -> int:
     for line in lines:
         print(line)
 
-    from collector.wandb_readback import find_offline_runs, read_offline_run
+    sys.path.insert(0, str(ROOT / "tests"))  # the test suite's reader of wandb's files
+    from support.wandb_readback import find_offline_runs, read_offline_run
 
     runs = find_offline_runs(out)
     for run_dir in runs:

@@ -15,7 +15,12 @@ import math
 
 import numpy as np
 
-from .kernels import as_kernel_input, channel_moments, merge_channel_moments, reduce_moments
+from collector.analysis.kernels import (
+    as_kernel_input,
+    channel_moments,
+    merge_channel_moments,
+    reduce_moments,
+)
 
 __all__ = ["ChannelMoments", "DataStatsAccumulator"]
 

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import msgpack
 
+from collector.ingest.counters import RankCounters
+from collector.recording.format import CONTROL, MESSAGE
+from collector.recording.reader import ReadStats, read_records
 from trainer_client import wire
-
-from .recording import CONTROL, MESSAGE, ReadStats, read_records
-from .tracking import RankCounters
 
 
 def inspect_recording(path: str | Path) -> dict:

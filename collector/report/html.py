@@ -16,8 +16,8 @@ from collections.abc import Iterable
 from html import escape
 from typing import Any
 
-from collector import report_plots
-from collector.report_model import (
+from collector.report import plots as report_plots
+from collector.report.model import (
     SEVERITY_RANK,
     RunData,
     Verdict,

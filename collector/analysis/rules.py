@@ -19,8 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from .kernels import window_median
-from .profile import Condition, Diagnosis, Profile, Rule
+from collector.analysis.kernels import window_median
+from collector.analysis.profile import Condition, Diagnosis, Profile, Rule
 
 __all__ = ["History", "RuleEngine", "check", "format_value"]
 

@@ -6,7 +6,7 @@ wandb 0.31 ships no Python reader for its transaction log (the ``.wandb`` file; 
 32 KiB blocks of LevelDB-log chunks, each chunk a CRC-32, a length and a type, whose
 payloads join into serialised ``wandb_internal_pb2.Record`` protobufs.
 
-    from collector.wandb_readback import find_offline_runs, read_offline_run
+    from support.wandb_readback import find_offline_runs, read_offline_run
     for run_dir in find_offline_runs("out/wandb"):
         run = read_offline_run(run_dir)
         print(run["run_id"], len(run["history"]), run["summary"].get("train/total_loss"))

@@ -25,14 +25,15 @@ from typing import NamedTuple
 import msgpack
 import numpy as np
 
+from collector.analysis.profile import Profile
+from collector.ingest.state import State, Stream
+from collector.ingest.stepscan import Steps, admit, group_rows, parse_steps
+from collector.recording.format import CONTROL, MESSAGE
+from collector.recording.reader import ReadStats, frames_of, open_recording, scan
+from collector.recording.scan import pack_messages
+from collector.recording.writer import RecordWriter
+from collector.sinks.base import NullSink, Record, Sink
 from trainer_client import wire
-
-from .profile import Profile
-from .recording import CONTROL, MESSAGE, ReadStats, RecordWriter, frames_of, open_recording, scan
-from .recordscan import pack_messages
-from .sinks import NullSink, Record, Sink
-from .state import State, Stream
-from .stepscan import Steps, admit, group_rows, parse_steps
 
 __all__ = ["Batch", "Pipeline", "replay"]
 
@@ -94,11 +95,13 @@ class Pipeline:
 
     def warm_up(self) -> None:
         """Compile (or load from numba's cache) the kernels before the first epoch needs them."""
-        from . import kernels, recordscan, stepscan
+        from collector.analysis import kernels
+        from collector.ingest import stepscan
+        from collector.recording import scan
 
         kernels.warm_up()
         stepscan.warm_up()
-        recordscan.warm_up()
+        scan.warm_up()
 
     def feed(self, frames: list) -> bool:
         """One message off the wire (or out of a recording). True if accepted."""

@@ -16,13 +16,12 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from collector.analysis.health import RunHealth
+from collector.analysis.inputs import DataConstants, EpochInput, StepSeries, ValidationInput
+from collector.analysis.profile import Profile
+from collector.ingest.counters import RankCounters
+from collector.ingest.stepscan import Groups, Steps, gather_pnorms, stream_key
 from trainer_client import wire
-
-from .health import RunHealth
-from .inputs import DataConstants, EpochInput, StepSeries, ValidationInput
-from .profile import Profile
-from .stepscan import Groups, Steps, gather_pnorms, stream_key
-from .tracking import RankCounters
 
 Emit = Callable[[dict], None]
 
@@ -356,7 +355,7 @@ class State:
         return ValidationInput(first[0], first[2].dtype, arrays, list(names))
 
     def _data(self, run: RunState, msg: wire.Message) -> None:
-        from .datastats import DataStatsAccumulator
+        from collector.analysis.datastats import DataStatsAccumulator
 
         body = msg.body
         if run.data_rank is None and body["index"] == 0:

@@ -1,6 +1,6 @@
 """The recording's records in bulk, in numba: pack a batch of messages, scan a file.
 
-Byte for byte the layout ``recording`` documents; the CRC is zlib's CRC-32, so one record
+Byte for byte the layout ``format`` documents; the CRC is zlib's CRC-32, so one record
 reads the same whichever side wrote it. Packing a few thousand one-frame messages in one
 call, and finding every record of a file in one pass, is what lets ingest and replay
 keep up with the wire (a Python loop costs ~1 us a record before any work).
@@ -8,16 +8,18 @@ keep up with the wire (a Python loop costs ~1 us a record before any work).
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 from numba import njit
 
-__all__ = ["crc32", "pack_messages", "scan_records"]
+from collector.recording.format import BODY, HEAD, MARK, MESSAGE
 
-from .recording import _BODY, _HEAD, MARK, MESSAGE
+__all__ = ["ScanResult", "crc32", "pack_messages", "scan_records"]
 
 _MARK = np.frombuffer(MARK, np.uint8)
-_HEAD_SIZE = _HEAD.size  # MARK, body_len u32, crc u32
-_BODY_HEAD = _BODY.size  # type u8, n_frames u16
+_HEAD_SIZE = HEAD.size  # MARK, body_len u32, crc u32
+_BODY_HEAD = BODY.size  # type u8, n_frames u16
 _ONE_HEAD = _BODY_HEAD + 4  # and the one frame's length
 
 
@@ -178,10 +180,24 @@ def _scan(table, mark, raw, pos, limit):  # noqa: ANN001, ANN202 - numba
             truncated)
 
 
-def scan_records(raw: np.ndarray, pos: int, limit: int = 65536) -> tuple:
-    """See ``_scan``: (rtype, body, body_len, n_frames, first, first_len, next_pos,
-    corrupted, truncated_bytes or -1 when there is more to read)."""
-    return _scan(_CRC_TABLE, _MARK, raw, pos, limit)
+class ScanResult(NamedTuple):
+    """Up to ``limit`` records' columns (offsets into the file's bytes), and where to go on."""
+
+    rtype: np.ndarray
+    body: np.ndarray  # offset of the body
+    body_len: np.ndarray
+    n_frames: np.ndarray
+    first: np.ndarray  # offset of the first frame
+    first_len: np.ndarray
+    next_pos: int
+    corrupted: int  # records skipped in this stretch
+    truncated: int  # bytes of a cut-off tail; -1 while there is more to read
+
+
+def scan_records(raw: np.ndarray, pos: int, limit: int = 65536) -> ScanResult:
+    """Up to ``limit`` whole, intact records from byte ``pos`` (see ``ScanResult``)."""
+    r = _scan(_CRC_TABLE, _MARK, raw, pos, limit)
+    return ScanResult(*r[:6], int(r[6]), int(r[7]), int(r[8]))
 
 
 def warm_up() -> None:

@@ -16,12 +16,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from collector.analysis.datastats import DataStatsAccumulator
+from collector.analysis.inputs import DataConstants, EpochInput, ValidationInput
+from collector.analysis.kernels import channel_moments, moments_1d, reduce_moments
+from collector.analysis.profile import Profile
 from trainer_client.wire import EMA_FIELDS, WEIGHT_FIELDS
-
-from .datastats import DataStatsAccumulator
-from .inputs import DataConstants, EpochInput, ValidationInput
-from .kernels import channel_moments, moments_1d, reduce_moments
-from .profile import Profile
 
 __all__ = ["EpochStats", "epoch_stats", "validation_metrics"]
 

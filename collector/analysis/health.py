@@ -18,10 +18,10 @@ from typing import Any
 
 import numpy as np
 
-from .inputs import DataConstants, EpochInput
-from .profile import Profile
-from .rules import RuleEngine
-from .stats import EpochStats, epoch_stats
+from collector.analysis.inputs import DataConstants, EpochInput
+from collector.analysis.profile import Profile
+from collector.analysis.rules import RuleEngine
+from collector.analysis.stats import EpochStats, epoch_stats
 
 __all__ = ["RunHealth"]
 

@@ -16,7 +16,7 @@ import plotly.graph_objects as go
 import plotly.io as pio
 from plotly.subplots import make_subplots
 
-from collector.dashboard import THRESHOLD_SERIES
+from collector.report.dashboard import THRESHOLD_SERIES
 
 __all__ = ["PANEL_TITLES", "events_timeline", "panel_figure"]
 

@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 
 import zmq
 
-from .pipeline import Batch, Pipeline
+from collector.ingest.pipeline import Batch, Pipeline
 
 __all__ = ["Collector", "check_binds", "receive"]
 
@@ -110,7 +110,7 @@ class Collector:
         sock.setsockopt(zmq.MAXMSGSIZE, self.max_msg_bytes)
         sock.setsockopt(zmq.LINGER, 0)
         if self.curve_keys:
-            from .keys import start_authenticator
+            from collector.ingest.auth import start_authenticator
 
             auth = start_authenticator(ctx, sock, self.curve_keys)
         # Before the warm-up: a SIGTERM while the kernels compile must stop the collector
