@@ -17,14 +17,18 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from collector.sinks.base import FanOut, Sink
+
+if TYPE_CHECKING:
+    from collector.analysis.profile import Profile
 
 __all__ = ["main"]
 
 
-def _sinks(args: argparse.Namespace, default_wandb: str | None, replaying: bool = False
-           ) -> list[Sink]:
+def _sinks(args: argparse.Namespace, profile: Profile, default_wandb: str | None,
+           replaying: bool = False) -> list[Sink]:
     from collector.sinks.console import EventLogSink
 
     sinks: list[Sink] = [EventLogSink()]
@@ -38,12 +42,13 @@ def _sinks(args: argparse.Namespace, default_wandb: str | None, replaying: bool 
 
         sinks.append(WandbSink(project=args.wandb_project, entity=args.wandb_entity,
                                group=args.wandb_group, mode=mode, dir=args.wandb_dir,
+                               thresholds=profile.thresholds,
                                # a replay outruns wandb's start-up: wait, never drop
                                block_when_full=replaying))
     return sinks
 
 
-def _profile(args: argparse.Namespace):  # noqa: ANN202 - a Profile
+def _profile(args: argparse.Namespace) -> Profile:
     from collector.analysis.profile import ProfileError, load_profile
 
     try:
@@ -53,25 +58,24 @@ def _profile(args: argparse.Namespace):  # noqa: ANN202 - a Profile
 
 
 def cmd_collect(args: argparse.Namespace) -> int:
+    """The one place the live parts are wired together: sinks, recorder, view, server."""
     from collector.ingest.pipeline import Pipeline
-    from collector.ingest.server import Collector, check_binds, rebuild
-    from collector.recording.writer import RecordWriter
+    from collector.ingest.server import Collector, check_binds
+    from collector.recording.writer import NullRecorder, RecordWriter
+    from collector.report.liveview import NullView, make_view
 
     check_binds(args.bind, bool(args.curve_keys), args.insecure)
     profile = _profile(args)
-    pipe = Pipeline(profile, FanOut(_sinks(args, None)), epoch_timeout_s=args.epoch_timeout)
+    pipe = Pipeline(profile, FanOut(_sinks(args, profile, None)),
+                    recorder=RecordWriter(args.record) if args.record else NullRecorder(),
+                    epoch_timeout_s=args.epoch_timeout)
     if args.record:
         path = Path(args.record)
         if path.exists() and path.stat().st_size > 0:
-            n = rebuild(pipe, path)
+            n = pipe.rebuild(path)
             logging.getLogger("trainwatch.collector").info(
                 "continuing %s: state rebuilt from %d records", path, n)
-        pipe.recorder = RecordWriter(path)
-    view = None
-    if not args.no_view:
-        from collector.report.liveview import make_view
-
-        view = make_view(sys.stdout)
+    view = NullView() if args.no_view else make_view(sys.stdout)
     collector = Collector(args.bind, pipe, curve_keys=args.curve_keys, once=args.once,
                           quiet_s=args.quiet, view=view, max_msg_bytes=args.max_msg_mb << 20)
     return collector.serve()
@@ -80,8 +84,9 @@ def cmd_collect(args: argparse.Namespace) -> int:
 def cmd_replay(args: argparse.Namespace, default_wandb: str = "disabled") -> int:
     from collector.ingest.pipeline import replay
 
-    sinks = FanOut(_sinks(args, default_wandb, replaying=True))
-    pipe, st = replay(args.recording, _profile(args), sinks)
+    profile = _profile(args)
+    sinks = FanOut(_sinks(args, profile, default_wandb, replaying=True))
+    pipe, st = replay(args.recording, profile, sinks)
     print(f"replayed {st.records} records ({pipe.accepted} messages, "
           f"{sum(pipe.rejected.values())} rejected, {st.corrupted} corrupted, "
           f"{st.truncated_bytes} truncated bytes) -> {pipe.records_out} output records",
@@ -106,9 +111,10 @@ def cmd_report(args: argparse.Namespace) -> int:
     from collector.report.html import write_report
     from collector.sinks.jsonl import MemorySink
 
+    profile = _profile(args)
     mem = MemorySink()
-    pipe, _ = replay(args.recording, _profile(args), mem)
-    write_report(mem.records, args.output, ranks=pipe.state.rank_table())
+    pipe, _ = replay(args.recording, profile, mem)
+    write_report(mem.json(), args.output, profile, ranks=pipe.state.rank_table())
     print(f"wrote {args.output}", file=sys.stderr)
     return 0
 
@@ -133,7 +139,7 @@ def cmd_forward(args: argparse.Namespace) -> int:
 def cmd_dashboard(args: argparse.Namespace) -> int:
     from collector.report.dashboard import create_workspace
 
-    print(create_workspace(args.project, args.entity))
+    print(create_workspace(args.project, args.entity, _profile(args)))
     return 0
 
 
@@ -205,6 +211,7 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("dashboard", help="create the seed's wandb workspace (online)")
     p.add_argument("--project", required=True)
     p.add_argument("--entity", default=None)
+    p.add_argument("--rules", default=None, help="a TOML profile (its thresholds, loss terms)")
     p.set_defaults(func=cmd_dashboard)
     return ap
 

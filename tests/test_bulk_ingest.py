@@ -176,7 +176,7 @@ def _pipe(tmp: Path, name: str) -> Pipeline:
 
 
 def _dump(p: Pipeline) -> list[str]:
-    return [json.dumps(r, sort_keys=True) for r in p.sink.records]
+    return [json.dumps(r, sort_keys=True) for r in p.sink.json()]
 
 
 @pytest.mark.parametrize("seed", [0, 1])
@@ -208,7 +208,7 @@ def test_batches_and_single_messages_reach_the_same_records_counts_and_bytes(tmp
         assert p.recorder.path.read_bytes() == one.recorder.path.read_bytes()
     again = replay([one.recorder.path], PROFILE, MemorySink())[0]
     assert _dump(again) == _dump(one) and again.bulk_accepted > 0
-    epochs = [r for r in one.sink.records if r["type"] == "epoch" and r["run"] == "alpha"]
+    epochs = [r for r in one.sink.json() if r["type"] == "epoch" and r["run"] == "alpha"]
     assert [r["epoch"] for r in epochs] == [1, 2, 3]
 
 
@@ -227,6 +227,6 @@ def test_a_replay_reads_recordings_with_msgpack_steps_too(tmp_path):
                                               epoch, 1.0, 0, body, []])])
     p = replay([path], PROFILE, MemorySink())[0]
     assert p.accepted == 5 and not p.rejected and p.bulk_accepted == 0
-    ep = [r for r in p.sink.records if r["type"] == "epoch"]
+    ep = [r for r in p.sink.json() if r["type"] == "epoch"]
     assert len(ep) == 1 and ep[0]["metrics"]["train/batch_loss_mean"] == pytest.approx(0.45)
     assert len(list(read_records(path))) == 5

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from collector.analysis.profile import load_profile
 from collector.report import dashboard
 from collector.report.dashboard import (
-    THRESHOLD_SERIES,
     WorkspaceError,
     build_workspace,
     create_workspace,
@@ -49,6 +49,7 @@ def test_spec_holds_the_seeds_four_panels() -> None:
 
 
 def test_threshold_series_are_the_seeds_thresholds_and_are_plotted() -> None:
+    THRESHOLD_SERIES = load_profile(None).thresholds  # noqa: N806 - the profile's, one place
     assert THRESHOLD_SERIES == {"threshold/knee_r_std": 0.1, "threshold/grf_vz_r_std": 10.0}
     plotted = {m for p in _panels(workspace_spec("p")).values() for m in p["metrics"]}
     assert set(THRESHOLD_SERIES) <= plotted

@@ -223,7 +223,7 @@ def mutant(draw: st.DrawFn, base: Msg) -> tuple[list[bytes], str | None]:
 
 
 # fixed field of the binary step layout -> (values, the reason they earn)
-BIN_WRONG = {1: ([0x00, 0x54], "bad_kind"), 2: ([0, 2], "bad_version"),
+BIN_WRONG = {1: ([0x00, 0x54], "bad_kind"), 2: ([0, 3], "bad_version"),
              8: ([1, 5], "bad_field"), 9: ([0, (1 << 20) + 1], "bad_field"),
              15: ([math.nan, -math.inf], "bad_field"), 11: ([1 << 63], "bad_field")}
 
@@ -321,14 +321,14 @@ def test_pipeline_accepts_the_valid_rejects_the_rest_and_is_deterministic(items,
         assert (other.accepted, other.rejected) == (a.accepted, a.rejected)
     assert d_pipe.accepted == a.accepted
     assert d_pipe.state.rank_table() == a.state.rank_table()
-    dumps = [[json.dumps(r, sort_keys=True) for r in s.records]
+    dumps = [[json.dumps(r, sort_keys=True) for r in s.json()]
              for s in (sink_a, sink_b, sink_c, sink_d)]
     assert dumps[1] == dumps[0] and dumps[2] == dumps[0] and dumps[3] == dumps[0]
     assert a.accepted >= sum(1 for _, e in items if e == "accept")
     assert a.accepted + sum(a.rejected.values()) == len(items)
-    epochs = [r for r in sink_a.records if r["type"] == "epoch" and r["run"] == GOOD]
+    epochs = [r for r in sink_a.json() if r["type"] == "epoch" and r["run"] == GOOD]
     assert [r["epoch"] for r in epochs] == sorted({r["epoch"] for r in epochs})
-    assert sum(1 for r in sink_a.records if r["type"] == "summary" and r["run"] == GOOD) == 1
+    assert sum(1 for r in sink_a.json() if r["type"] == "summary" and r["run"] == GOOD) == 1
 
 
 # -- the decoder alone ---------------------------------------------------------------------
@@ -430,7 +430,7 @@ def test_chunks_and_samples_whose_channels_disagree_are_survived():
     for frames in msgs:
         assert pipe.feed(frames)
     pipe.finish()
-    assert [r["epoch"] for r in pipe.sink.records if r["type"] == "epoch"] == [1]
+    assert [r["epoch"] for r in pipe.sink.json() if r["type"] == "epoch"] == [1]
 
 
 _HUGE_COUNT = """

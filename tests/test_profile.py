@@ -6,6 +6,7 @@ import dataclasses
 
 import numpy as np
 import pytest
+from test_rules import judge
 
 from collector.analysis.health import RunHealth
 from collector.analysis.inputs import EpochInput, StepSeries
@@ -75,8 +76,8 @@ threshold = 0.2
     assert mc.require == 2 and conds["gen_std_low"].threshold == 0.2
     assert conds["gen_std_low"].latest and len(conds) == 6
     h = RunHealth("run", p)
-    h.on_epoch(_epoch(1, 1.0))
-    m, ev = h.on_epoch(_epoch(2, 60.0))
+    judge(h, _epoch(1, 1.0))
+    m, ev = judge(h, _epoch(2, 60.0))
     assert m["health/exploding_gradients"] == 1 and ev[0]["rule"] == "exploding_gradients"
 
 
@@ -95,10 +96,10 @@ remedy = "Clip."
 """))
     assert "loss_increasing" not in {r.id for r in p.rules}
     h = RunHealth("run", p)
-    h.on_epoch(_epoch(1, 1.0))
-    m, ev = h.on_epoch(_epoch(2, 8.0))
+    judge(h, _epoch(1, 1.0))
+    m, ev = judge(h, _epoch(2, 8.0))
     assert "health/loss_increasing" not in m and m["health/grad_norm_high"] == 1
-    assert {"rule": "grad_norm_high", "severity": "warning",
+    assert {"rule": "grad_norm_high", "kind": "raised", "severity": "warning",
             "message": "grad_norm_mean 8 above 5", "remedy": "Clip."} in ev
 
 

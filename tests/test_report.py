@@ -14,8 +14,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from collector.analysis.profile import load_profile
 from collector.report.html import render_report, write_report
 from collector.report.model import epoch_spans, group_runs, summary_row, verdict
+
+PROFILE = load_profile(None)
 
 COLLAPSE_REMEDY = "learning rate 1e-4; batch size 64; train longer (1000 epochs)"
 STALL_REMEDY = "raise the learning rate (1e-4 -> 4e-4)"
@@ -124,8 +127,8 @@ def _plotted(page: str) -> str:
     return body
 
 
-RANKS = {"lr4e-4": {0: {"messages": 900, "seq_gaps": 0, "reported_drops": 0, "rejected": 0},
-                    1: {"messages": 880, "seq_gaps": 2, "reported_drops": 3, "rejected": 1}}}
+RANKS = {"lr4e-4": {0: {"messages": 900, "seq_gaps": 0, "reported_drops": 0},
+                    1: {"messages": 880, "seq_gaps": 2, "reported_drops": 3}}}
 
 
 def _script_sources(page: str) -> list[str]:
@@ -134,7 +137,7 @@ def _script_sources(page: str) -> list[str]:
 
 
 def test_healthy_report_has_the_four_panels_and_a_healthy_verdict() -> None:
-    page = render_report(healthy_records(), title="gait sweep")
+    page = render_report(healthy_records(), PROFILE, title="gait sweep")
     verdict_header = page[page.index("<header"):page.index("</header>")]
     assert "Healthy" in verdict_header and "no health rule fired" in verdict_header
     for title in ("1. Training health", "2. Validation quality", "3. Mode-collapse detection",
@@ -158,7 +161,7 @@ def test_healthy_report_has_the_four_panels_and_a_healthy_verdict() -> None:
 
 def test_fired_rules_give_a_verdict_a_timeline_and_remedies() -> None:
     records = healthy_records() + make_run("lr4e-4", 150, collapse_at=90, seed=2)
-    page = render_report(records, ranks=RANKS)
+    page = render_report(records, PROFILE, ranks=RANKS)
     header = page[page.index("<header"):page.index("</header>")]
     assert "Unhealthy" in header and "mode_collapse" in header and "lr4e-4" in header
     assert "active now" in header and "rank_desync" in header
@@ -171,8 +174,8 @@ def test_fired_rules_give_a_verdict_a_timeline_and_remedies() -> None:
     assert "mode_collapse_confirmed" in unhealthy and "(epochs 100, 125)" in unhealthy
     # The per-rank table flags rank 1's gaps, drops and the epoch it missed.
     ranks = unhealthy[unhealthy.index("<h3>Ranks</h3>"):]
-    assert ranks.count('<span class="bad">') == 4
-    assert "Data incomplete: 4 message(s)" in header
+    assert ranks.count('<span class="bad">') == 3
+    assert "Data incomplete: 3 message(s)" in header
     # The sweep table ranks the healthy run first.
     sweep = page[page.index("Sweep summary"):page.index("<section")]
     assert sweep.index("lr1e-4") < sweep.index("lr4e-4")
@@ -180,7 +183,8 @@ def test_fired_rules_give_a_verdict_a_timeline_and_remedies() -> None:
 
 
 def test_report_opens_offline() -> None:
-    page = render_report(healthy_records() + make_run("b", 60, collapse_at=30), ranks=RANKS)
+    page = render_report(healthy_records() + make_run("b", 60, collapse_at=30), PROFILE,
+                         ranks=RANKS)
     assert page.startswith("<!DOCTYPE html>")
     assert page.count("<script") == page.count("</script>")
     sources = _script_sources(page)
@@ -196,7 +200,7 @@ def test_hostile_text_is_escaped() -> None:
     for r in records:
         for e in r.get("events") or []:
             e["message"] = "<img src=x onerror=alert(1)>"
-    page = render_report(records, ranks={evil: {0: {"messages": 1}}}, title="<b>t</b>")
+    page = render_report(records, PROFILE, ranks={evil: {0: {"messages": 1}}}, title="<b>t</b>")
     assert evil not in page and "<img src=x" not in page and "<b>t</b>" not in page
     assert html.escape(evil) in page
     assert "&lt;img src=x onerror=alert(1)&gt;" in page
@@ -208,30 +212,30 @@ def test_missing_metrics_give_empty_states_not_a_crash() -> None:
         r["metrics"] = {k: v for k, v in r["metrics"].items() if not k.startswith("loss_ratio/")}
     only_hello = [{"type": "run", "run": "late", "epoch": None,
                    "metrics": {"world_size": 8}, "events": [], "env": {}}]
-    page = render_report(early + only_hello)
+    page = render_report(early + only_hello, PROFILE)
     early_part = page[page.index("Run early"):page.index("Run late")]
-    assert "no validation epoch yet" in early_part
+    assert "no validation samples logged yet" in early_part
     assert "no loss components reported" in early_part
     assert early_part.count("Plotly.newPlot") == 2  # training health, mode collapse
     late_part = page[page.index("Run late"):]
     assert "no epoch has closed yet" in late_part and "Plotly.newPlot" not in late_part
     assert "No data yet" in late_part
     assert "(live)" in page  # no summary record yet: figures from the epochs
-    empty = render_report([])  # nothing at all still renders a page
+    empty = render_report([], PROFILE)  # nothing at all still renders a page
     assert "No run has reported yet" in empty and empty.endswith("</html>\n")
 
 
 def test_write_report_is_atomic_and_readable(tmp_path: Path) -> None:
     path = tmp_path / "out" / "report.html"
-    write_report(healthy_records(40), path)
+    write_report(healthy_records(40), path, PROFILE)
     first = path.read_text(encoding="utf-8")
     assert first.endswith("</html>\n")
-    write_report(healthy_records(60), path, ranks=None)
+    write_report(healthy_records(60), path, PROFILE, ranks=None)
     assert path.read_text(encoding="utf-8") != first
     assert sorted(os.listdir(path.parent)) == ["report.html"]  # no temp file left behind
     assert stat.S_IMODE(path.stat().st_mode) & 0o044 == 0o044
     with pytest.raises(OSError):  # the target is a directory: the rename fails
-        write_report(healthy_records(10), tmp_path / "out")
+        write_report(healthy_records(10), tmp_path / "out", PROFILE)
     assert sorted(os.listdir(path.parent)) == ["report.html"]  # the temp file is removed
     assert path.read_text(encoding="utf-8").endswith("</html>\n")
 
@@ -273,6 +277,6 @@ def test_records_survive_a_json_round_trip() -> None:
     records = json.loads(json.dumps(make_run("j", 40, collapse_at=20)))
     ranks = json.loads(json.dumps(RANKS))
     ranks["j"] = ranks.pop("lr4e-4")
-    page = render_report(records, ranks=ranks)
+    page = render_report(records, PROFILE, ranks=ranks)
     part = page[page.index("<h3>Ranks</h3>"):]
     assert part.count("<tr>") == 3  # header, rank 0, rank 1: not duplicated by key type

@@ -57,14 +57,20 @@ def health(config: dict | None = None, profile=PROFILE) -> RunHealth:
     return h
 
 
+def judge(h: RunHealth, inp: EpochInput) -> tuple[dict, list[dict]]:
+    """One epoch through ``h``: its metrics and its events in their JSON form."""
+    v = h.on_epoch(inp)
+    return v.metrics, [e.json() for e in v.events]
+
+
 def events_of(events: list[dict], rule: str) -> list[dict]:
     return [ev for ev in events if ev["rule"] == rule]
 
 
 def test_healthy_epochs_judge_the_rules_and_fire_none():
     h = health()
-    m1, ev1 = h.on_epoch(epoch(1))
-    m2, ev2 = h.on_epoch(epoch(2))
+    m1, ev1 = judge(h, epoch(1))
+    m2, ev2 = judge(h, epoch(2))
     assert ev1 == [] and ev2 == []
     assert "train/loss_decrease" not in m1 and "health/loss_increasing" not in m1
     assert m2["train/is_improving"] == 1 and m2["train/loss_decrease"] == pytest.approx(0.5)
@@ -96,12 +102,13 @@ THRESHOLD_CASES = {
 def test_threshold_rule_fires_once_and_clears_once(rule):
     fire, quiet = THRESHOLD_CASES[rule]
     h = health()
-    h.on_epoch(epoch(1, **quiet))
-    got = [h.on_epoch(epoch(e, **kw)) for e, kw in ((2, fire), (3, fire), (4, quiet), (5, quiet))]
+    judge(h, epoch(1, **quiet))
+    got = [judge(h, epoch(e, **kw)) for e, kw in ((2, fire), (3, fire), (4, quiet), (5, quiet))]
     assert [m[f"health/{rule}"] for m, _ in got] == [1, 1, 0, 0]
     started = events_of(got[0][1], rule)
     assert len(started) == 1 and started[0]["severity"] in ("warning", "critical")
-    assert started[0]["message"] and set(started[0]) == {"rule", "severity", "message", "remedy"}
+    assert started[0]["message"] and set(started[0]) == {"rule", "kind", "severity", "message",
+                                                           "remedy"}
     assert events_of(got[1][1], rule) == []  # still firing: no new event
     cleared = events_of(got[2][1], rule)
     assert len(cleared) == 1 and cleared[0]["severity"] == "info"
@@ -111,37 +118,37 @@ def test_threshold_rule_fires_once_and_clears_once(rule):
 
 def test_surges_need_three_previous_epochs_and_compare_to_their_median():
     h = health()
-    m = [h.on_epoch(epoch(e, ema=(1000.0, 1.0)))[0] for e in (1, 2, 3)]
+    m = [judge(h, epoch(e, ema=(1000.0, 1.0)))[0] for e in (1, 2, 3)]
     assert "health/grad_norm_unstable" not in m[2]  # only two previous epochs
-    m4, ev4 = h.on_epoch(epoch(4, grad_jitter=1.0, ema=(1000.0, 2.5)))
+    m4, ev4 = judge(h, epoch(4, grad_jitter=1.0, ema=(1000.0, 2.5)))
     assert m4["health/grad_norm_unstable"] == 1 and m4["health/ema_diff_surge"] == 0
     assert "median" in events_of(ev4, "grad_norm_unstable")[0]["message"]
-    m5, _ = h.on_epoch(epoch(5, ema=(1000.0, 3.5)))
+    m5, _ = judge(h, epoch(5, ema=(1000.0, 3.5)))
     assert m5["health/ema_diff_surge"] == 1 and m5["health/grad_norm_unstable"] == 0
 
 
 def test_weights_jump_on_a_fifty_percent_change():
     h = health()
-    h.on_epoch(epoch(1))
-    m2, _ = h.on_epoch(epoch(2, weights=(1000.0, 60.0, 1.0, 5.0, 0.4)))  # +20 %
-    m3, ev3 = h.on_epoch(epoch(3, weights=(1000.0, 100.0, 1.0, 5.0, 0.4)))  # +67 %
+    judge(h, epoch(1))
+    m2, _ = judge(h, epoch(2, weights=(1000.0, 60.0, 1.0, 5.0, 0.4)))  # +20 %
+    m3, ev3 = judge(h, epoch(3, weights=(1000.0, 100.0, 1.0, 5.0, 0.4)))  # +67 %
     assert (m2["health/weights_jump"], m3["health/weights_jump"]) == (0, 1)
     assert "model/weight_mean" in events_of(ev3, "weights_jump")[0]["message"]
 
 
 def test_stalled_after_ten_epochs_without_improvement_and_loss_increasing():
     h = health()
-    got = [h.on_epoch(epoch(e, loss=0.5)) for e in range(1, 12)]
+    got = [judge(h, epoch(e, loss=0.5)) for e in range(1, 12)]
     assert [m["health/stalled"] for m, _ in got[1:]] == [0] * 9 + [1]  # epochs 2..11
     assert all(m["health/loss_increasing"] == 0 for m, _ in got[1:])  # flat is not rising
-    m, ev = h.on_epoch(epoch(12, loss=0.6))
+    m, ev = judge(h, epoch(12, loss=0.6))
     assert m["health/loss_increasing"] == 1 and m["train/loss_decrease"] == pytest.approx(-0.1)
     assert m["train/is_improving"] == 0 and len(events_of(ev, "loss_increasing")) == 1
 
 
 def test_validation_rules_in_physical_units():
     h = health()
-    m, ev = h.on_epoch(epoch(1, validation=samples(1, knee=0.05, grf=0.004, other=0.05)))
+    m, ev = judge(h, epoch(1, validation=samples(1, knee=0.05, grf=0.004, other=0.05)))
     # knee std 0.05 normalized * 0.4 rad = 0.02 rad; grf 0.004 * 200 N = 0.8 N
     assert m["validation/knee_r_std"] == pytest.approx(0.02, rel=0.1)
     assert m["validation/grf_vz_r_std"] == pytest.approx(0.8, rel=0.1)
@@ -150,16 +157,16 @@ def test_validation_rules_in_physical_units():
         assert m[f"health/{flag}"] == 1, flag
     assert (m["validation/knee_healthy"], m["validation/grf_healthy"]) == (0, 0)
     assert {e["rule"] for e in ev} >= {"knee_collapsed", "grf_collapsed", "gen_std_low"}
-    m2, _ = h.on_epoch(epoch(2, validation=samples(2)))
+    m2, _ = judge(h, epoch(2, validation=samples(2)))
     assert (m2["validation/knee_healthy"], m2["validation/grf_healthy"]) == (1, 1)
     assert m2["health/knee_collapsed"] == 0 and m2["validation/gen_range"] > 2.0
-    m3, _ = h.on_epoch(epoch(3))
+    m3, _ = judge(h, epoch(3))
     assert not any(k.startswith("validation/") for k in m3)
 
 
 def test_samples_without_constants_are_taken_as_physical():
     h = RunHealth("run", PROFILE)
-    m, _ = h.on_epoch(epoch(1, validation=samples(1, knee=0.2, grf=20.0)))
+    m, _ = judge(h, epoch(1, validation=samples(1, knee=0.2, grf=20.0)))
     assert m["validation/knee_r_std"] == pytest.approx(0.2, rel=0.1)
     assert m["validation/grf_healthy"] == 1
 
@@ -170,7 +177,7 @@ def test_nonfinite_steps_are_counted_and_kept_out_of_the_statistics():
     inp.steps[1].loss[2] = math.nan
     inp.steps[0].grad_norm[3] = math.inf
     inp.steps[1].grad_norm[3] = math.inf
-    m, ev = h.on_epoch(inp)
+    m, ev = judge(h, inp)
     assert m["health/nonfinite"] == 1 and math.isfinite(m["train/batch_loss_mean"])
     assert m["train/grad_norm_max"] < 2.0  # the Inf is out of the moments
     msg = events_of(ev, "nonfinite")[0]["message"]
@@ -182,14 +189,14 @@ def test_step_event_is_immediate_and_not_repeated_by_the_epoch():
     h = health()
     assert h.step_event(0, 103, 0.5, 1.0) is None
     ev = h.step_event(1, 103, math.nan, None)
-    assert ev["rule"] == "nonfinite" and "rank 1 step 103" in ev["message"]
-    assert "learning_rate is 4e-4; the guide suggests 1e-4" in ev["remedy"]
+    assert ev.rule == "nonfinite" and ev.kind == "raised" and "rank 1 step 103" in ev.message
+    assert "learning_rate is 4e-4; the guide suggests 1e-4" in ev.remedy
     assert h.step_event(1, 104, math.inf, None) is None  # already firing
     inp = epoch(1, ranks=2)
     inp.steps[1].loss[3] = math.nan
-    m, ev1 = h.on_epoch(inp)
+    m, ev1 = judge(h, inp)
     assert m["health/nonfinite"] == 1 and events_of(ev1, "nonfinite") == []
-    m2, ev2 = h.on_epoch(epoch(2, ranks=2))
+    m2, ev2 = judge(h, epoch(2, ranks=2))
     assert m2["health/nonfinite"] == 0 and events_of(ev2, "nonfinite")[0]["severity"] == "info"
 
 
@@ -199,57 +206,58 @@ def test_a_nan_grad_norm_seen_by_step_event_counts_in_its_epoch():
     assert h.step_event(0, 203, 0.4, math.nan) is not None
     inp = epoch(2)
     inp.steps[0].grad_norm[3] = math.nan
-    m, _ = h.on_epoch(inp)
+    m, _ = judge(h, inp)
     assert m["health/nonfinite"] == 1
     inp3 = epoch(3)
     inp3.steps[0].grad_norm[:] = math.nan  # a client that sends no norms
-    m3, _ = h.on_epoch(inp3)
+    m3, _ = judge(h, inp3)
     assert m3["health/nonfinite"] == 0 and "train/grad_norm_mean" not in m3
 
 
 def test_rank_desync_names_the_rank():
     h = health()
-    m, _ = h.on_epoch(epoch(1, ranks=3, rank_scale=1.000001))
+    m, _ = judge(h, epoch(1, ranks=3, rank_scale=1.000001))
     assert m["health/rank_desync"] == 0
-    m, ev = h.on_epoch(epoch(2, ranks=3, rank_scale=1.01))
+    m, ev = judge(h, epoch(2, ranks=3, rank_scale=1.01))
     assert m["health/rank_desync"] == 1
     assert "rank 1 differs in grad_norm" in events_of(ev, "rank_desync")[0]["message"]
     inp = epoch(3, ranks=2)
     inp.weights[1] = inp.weights[1] * np.array([1, 1.1, 1, 1, 1])
-    m, ev = h.on_epoch(inp)
+    m, ev = judge(h, inp)
     assert m["health/rank_desync"] == 1 and m["model/weight_mean"] == pytest.approx(0.05)
 
 
 def test_gradient_events_name_the_parameters_when_norms_were_shipped():
     pn = np.tile(np.array([5.0, 300.0, 1e-5, 40.0], dtype=np.float32), (8, 1))
     pn[2] = np.nan  # a step that shipped no norms
-    _, ev = health().on_epoch(epoch(1, grad=150.0, param_norms=pn))
+    _, ev = judge(health(), epoch(1, grad=150.0, param_norms=pn))
     msg = events_of(ev, "exploding_gradients")[0]["message"]
     assert "block.0.weight 300, head.weight 40, embed.weight 5" in msg
-    _, ev = health().on_epoch(epoch(1, grad=1e-4, grad_jitter=0.0, param_norms=pn))
+    _, ev = judge(health(), epoch(1, grad=1e-4, grad_jitter=0.0, param_norms=pn))
     assert "smallest gradient norms: block.1.weight 1e-05" in \
         events_of(ev, "vanishing_gradients")[0]["message"]
-    _, ev = health().on_epoch(epoch(1, grad=150.0))
+    _, ev = judge(health(), epoch(1, grad=150.0))
     assert "gradient norms:" not in events_of(ev, "exploding_gradients")[0]["message"]
 
 
 def test_phases_and_phase_expectations():
     h = health()
-    phases = {e: h.on_epoch(epoch(e, loss=1.0))[0] for e in (1, 2, 50, 51, 200, 201)}
+    phases = {e: judge(h, epoch(e, loss=1.0))[0] for e in (1, 2, 50, 51, 200, 201)}
     assert [m["health/phase"] for m in phases.values()] == [1, 1, 1, 2, 2, 3]
     assert phases[2]["health/phase1_not_improving"] == 1
-    assert "health/phase1_not_improving" not in phases[51]
+    # out of its phase the rule is cleared, and its flag says so
+    assert phases[51]["health/phase1_not_improving"] == 0
 
 
 def test_mode_collapse_checklist_and_diagnosis_quote_the_config():
     h = health({"learning_rate": 4e-4, "batch_size": 32, "epochs": 1000})
     flat = dict(loss=0.5, jitter=0.001, grad_jitter=0.01)  # cv < 0.01, std/mean < 0.1
-    m1, _ = h.on_epoch(epoch(1, **flat))
+    m1, _ = judge(h, epoch(1, **flat))
     assert "health/mode_collapse_score" not in m1  # too few conditions judgeable yet
-    m2, ev2 = h.on_epoch(epoch(2, **flat))
+    m2, ev2 = judge(h, epoch(2, **flat))
     assert (m2["health/mode_collapse_score"], m2["health/mode_collapse"]) == (2, 0)
     collapsed = samples(3, knee=0.05, grf=0.004, other=0.05)
-    m3, ev3 = h.on_epoch(epoch(3, validation=collapsed, **flat))
+    m3, ev3 = judge(h, epoch(3, validation=collapsed, **flat))
     assert (m3["health/mode_collapse_score"], m3["health/mode_collapse"]) == (5, 1)
     assert m3["diagnosis/mode_collapse"] == 1
     (diag,) = events_of(ev3, "diagnosis/mode_collapse")
@@ -257,13 +265,13 @@ def test_mode_collapse_checklist_and_diagnosis_quote_the_config():
     assert "batch_size is 32; the guide suggests 64" in diag["remedy"]
     assert "learning_rate is 4e-4; the guide suggests 1e-4" in diag["remedy"]
     assert "epochs" not in diag["remedy"].split("guide suggests")[-1]  # 1000 already
-    m4, _ = h.on_epoch(epoch(4, **flat))  # validation conditions use the latest one
+    m4, _ = judge(h, epoch(4, **flat))  # validation conditions use the latest one
     assert m4["health/mode_collapse_score"] == 5
 
 
 def test_loss_not_falling_diagnosis():
     h = health({"learning_rate": 1e-4})
-    got = [h.on_epoch(epoch(e, loss=0.5)) for e in range(1, 7)]
+    got = [judge(h, epoch(e, loss=0.5)) for e in range(1, 7)]
     assert [m["diagnosis/loss_not_falling"] for m, _ in got[1:]] == [0, 0, 0, 0, 1]
     (ev,) = events_of(got[-1][1], "diagnosis/loss_not_falling")
     assert "Learning rate too low" in ev["message"]
@@ -274,12 +282,12 @@ def test_loss_not_falling_diagnosis():
 def test_validation_bad_while_loss_falls_only_after_phase_one():
     h = health({"pseudo_dataset_len": 10000})
     bad = samples(0, knee=0.05, grf=0.004)
-    got = {e: h.on_epoch(epoch(e, validation=bad if e == 49 else None)) for e in range(45, 53)}
+    got = {e: judge(h, epoch(e, validation=bad if e == 49 else None)) for e in range(45, 53)}
     assert "diagnosis/validation_bad_while_loss_falls" not in got[50][0]  # phase 1
     assert got[51][0]["diagnosis/validation_bad_while_loss_falls"] == 1
     (ev,) = events_of(got[51][1], "diagnosis/validation_bad_while_loss_falls")
     assert "pseudo_dataset_len is 10000; the guide suggests 20000" in ev["remedy"]
-    good = h.on_epoch(epoch(53, validation=samples(53)))[0]
+    good = judge(h, epoch(53, validation=samples(53)))[0]
     assert good["diagnosis/validation_bad_while_loss_falls"] == 0
 
 
@@ -287,11 +295,11 @@ def test_gait_rules_are_off_without_the_channels(tmp_path):
     p = tmp_path / "no_gait.toml"
     p.write_text('[channels]\nknee = ""\ngrf = ""\n')
     h = health(profile=load_profile(str(p)))
-    m, _ = h.on_epoch(epoch(1, validation=samples(1, knee=0.01, grf=0.01)))
+    m, _ = judge(h, epoch(1, validation=samples(1, knee=0.01, grf=0.01)))
     assert "validation/gen_std" in m
     assert not any("knee" in k or "grf" in k for k in m)
     other = ValidationInput(1, "float32", [np.zeros((4, 2), np.float32) + 1], ["a", "b"])
-    m2, _ = health().on_epoch(epoch(1, validation=other))
+    m2, _ = judge(health(), epoch(1, validation=other))
     assert "validation/knee_r_std" not in m2 and m2["health/gen_std_low"] == 1
 
 
@@ -299,7 +307,7 @@ def test_summary_figures_and_counts():
     h = health()
     for e in range(1, 6):
         val = samples(e, knee=0.1 if e < 3 else 1.0) if e in (2, 4) else None  # healthy at 4
-        h.on_epoch(epoch(e, loss=1.0 - 0.1 * e, grad=float(e), ema=(1000.0, float(e)),
+        judge(h, epoch(e, loss=1.0 - 0.1 * e, grad=float(e), ema=(1000.0, float(e)),
                          validation=val))
     s = h.summary({"dropped": 3, "rejected": 1})
     assert s["summary/final_knee_healthy"] == 1 and s["summary/first_knee_healthy_epoch"] == 4
@@ -314,12 +322,12 @@ def test_summary_figures_and_counts():
 def test_same_inputs_give_identical_output():
     def run() -> str:
         h = health()
-        out = [h.step_event(0, 305, math.nan, None)]
+        out = [h.step_event(0, 305, math.nan, None).json()]
         for e in range(1, 30):
             inp = epoch(e, ranks=2, grad=150.0 if e == 7 else 1.0, loss=0.5 if e > 20 else None,
                         validation=samples(e) if e % 10 == 0 else None,
                         comps={"simple": 0.7, "vel": 0.3})
-            out.append(h.on_epoch(inp))
+            out.append(judge(h, inp))
         out.append(h.summary({"dropped": 0}))
         return json.dumps(out)
 
@@ -334,4 +342,4 @@ def test_remedies_quote_non_finite_config_values_without_failing():
     h = RunHealth("inf-lr", load_profile(None))
     h.on_config({"learning_rate": float("inf")})
     ev = h.step_event(0, 3, float("nan"), None)  # a remedy that quotes learning_rate
-    assert ev is not None and "learning_rate is inf" in ev["remedy"]
+    assert ev is not None and "learning_rate is inf" in ev.remedy

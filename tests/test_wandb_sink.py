@@ -18,14 +18,26 @@ from typing import Any
 import pytest
 from support.wandb_readback import find_offline_runs, iter_records, read_offline_run
 
+from collector.analysis.profile import load_profile
+from collector.records import (
+    RAISED,
+    ConfigRecord,
+    DataStatsRecord,
+    EpochRecord,
+    Event,
+    EventRecord,
+    RunRecord,
+    SummaryRecord,
+)
 from collector.sinks.wandb_sink import (
     EVENT_COLUMNS,
-    THRESHOLD_SERIES,
     WandbSink,
     _AlertGate,
     resolve_mode,
     wandb_run_id,
 )
+
+THRESHOLD_SERIES = load_profile(None).thresholds
 
 RUN_A, RUN_B = "gait/job-17:lr=1e-4", "job-18"
 EPOCHS_A, EPOCHS_B = 4, 3
@@ -69,9 +81,8 @@ def _epoch_metrics(run: str, epoch: int) -> dict[str, float]:
     return m
 
 
-def _event(rule: str, severity: str) -> dict[str, str]:
-    return {"rule": rule, "severity": severity, "message": f"{rule} detected",
-            "remedy": f"fix {rule}"}
+def _event(rule: str, severity: str) -> Event:
+    return Event(rule, RAISED, severity, f"{rule} detected", f"fix {rule}")
 
 
 EVENTS_A = {2: [_event("mode_collapse", "warning")],
@@ -80,12 +91,25 @@ LATE_EVENT = _event("rank_desync", "warning")
 
 
 def _rec(kind: str, run: str, epoch: int | None = None, metrics: dict | None = None,
-         events: list | None = None, **extra: Any) -> dict[str, Any]:
-    return {"type": kind, "run": run, "epoch": epoch, "metrics": metrics or {},
-            "events": events or [], **extra}
+         events: list | None = None, **extra: Any) -> Any:
+    metrics, events = metrics or {}, tuple(events or ())
+    if kind == "run":
+        return RunRecord(run, metrics.get("world_size", 1), extra.get("env", {}))
+    if kind == "config":
+        return ConfigRecord(run, metrics)
+    if kind == "data_stats":
+        return DataStatsRecord(run, metrics)
+    if kind == "event":
+        return EventRecord(run, epoch or 0, 0, 0, events)
+    if kind == "summary":
+        return SummaryRecord(run, epoch, metrics)
+    raised = tuple(sorted({e.rule for e in events if e.kind == RAISED}))
+    flags = {f"health/{r}": 1 for r in raised}
+    return EpochRecord(run, epoch, {**metrics, **flags}, events, raised,
+                       tuple(extra.get("ranks", ())), tuple(extra.get("missing_ranks", ())))
 
 
-def _epoch_rec(run: str, epoch: int) -> dict[str, Any]:
+def _epoch_rec(run: str, epoch: int) -> Any:
     return _rec("epoch", run, epoch, _epoch_metrics(run, epoch),
                 EVENTS_A.get(epoch, []) if run == RUN_A else [],
                 ranks=[0, 1], missing_ranks=[1] if epoch == 3 else [])
@@ -114,7 +138,7 @@ def _records_ab() -> list[dict[str, Any]]:
 @pytest.fixture(scope="module")
 def offline(wandb_env, tmp_path_factory):
     root = tmp_path_factory.mktemp("wandb_runs")
-    sink = WandbSink(dir=root / "ab", mode="offline")
+    sink = WandbSink(dir=root / "ab", mode="offline", thresholds=THRESHOLD_SERIES)
     cli = WandbSink(project="cli-proj", group="cli-group", dir=root / "cd", mode="offline")
     sweep_env = {"WANDB_SWEEP_ID": "swp123", "WANDB_RUN_ID": "agentrun1",
                  "WANDB_PROJECT": "sweep-proj"}
@@ -207,9 +231,9 @@ def test_thresholds_only_with_validation_and_data_stats_once(offline):
     assert not any("data_stats/knee_r_std" in row for row in rows[1:])
 
 
-def test_health_flags_follow_the_events(offline):
+def test_health_flags_are_the_records_own(offline):
     rows = _epoch_rows(offline["runs"][RUN_A])
-    assert [row["health/n_events"] for row in rows] == [0, 0, 1, 2]
+    assert [row["health/n_raised"] for row in rows] == [0, 0, 1, 2]
     assert "health/mode_collapse" not in rows[1]
     assert (rows[2]["health/mode_collapse"], rows[3]["health/mode_collapse"]) == (1, 1)
     assert rows[3]["health/exploding_gradients"] == 1
@@ -233,12 +257,12 @@ def test_events_table_accumulates(offline):
     tables = a["tables"]
     assert all(t["key"] == "health/events" and t["columns"] == EVENT_COLUMNS for t in tables)
     assert [(t["epoch"], len(t["data"])) for t in tables[:2]] == [(2, 1), (3, 3)]
-    assert tables[1]["data"][1] == [3, "mode_collapse", "warning", "mode_collapse detected",
-                                    "fix mode_collapse"]
+    assert tables[1]["data"][1] == [3, "mode_collapse", "raised", "warning",
+                                    "mode_collapse detected", "fix mode_collapse"]
     # the event after the last epoch reaches the summary's table
     final = tables[-1]
     assert final["step"] is None and len(final["data"]) == 4
-    assert final["data"][-1][:2] == [None, "rank_desync"]
+    assert final["data"][-1][:2] == [0, "rank_desync"]
     assert offline["runs"][RUN_B]["tables"] == []
 
 
@@ -337,11 +361,12 @@ def test_open_runs_are_finished_as_failed_at_close(wandb_env, tmp_path):
     assert run["tables"][-1]["data"][-1][1] == "rank_desync"
 
 
-def test_alerts_once_per_rule_start_within_the_per_minute_cap(wandb_env, tmp_path):
+def test_alerts_on_each_raise_never_a_clear_within_the_per_minute_cap(wandb_env, tmp_path):
     sink = WandbSink(dir=tmp_path, mode="offline", alerts=True, alerts_per_min=3)
     a, b, c = (_event("a", "warning"), _event("b", "critical"), _event("c", "info"))
+    cleared = [Event(r, "cleared", "info", f"{r} cleared") for r in ("a", "b")]
     sink.write(_rec("run", "alerting", metrics={"world_size": 1}, env={}))
-    for epoch, events in enumerate([[a], [a, b], [], [a]]):
+    for epoch, events in enumerate([[a], [b], cleared, [a]]):
         sink.write(_rec("epoch", "alerting", epoch, {"train/total_loss": 1.0}, events))
     sink.write(_rec("event", "alerting", None, events=[c]))  # over the cap: not sent
     sink.write(_rec("summary", "alerting"))
@@ -362,14 +387,8 @@ def test_disabled_mode_accepts_records_and_writes_no_files(wandb_env, tmp_path):
     assert find_offline_runs(tmp_path) == []
 
 
-def test_alert_gate_once_per_rule_start_and_per_minute():
+def test_alert_gate_caps_alerts_per_minute():
     gate = _AlertGate(per_min=2)
-    active: set[str] = set()
-    assert gate.starts(active, ["a"], ongoing=False) == ["a"]
-    assert gate.starts(active, ["a", "b"], ongoing=False) == ["b"]
-    assert gate.starts(active, ["c"], ongoing=True) == ["c"]  # a, b still firing
-    assert gate.starts(active, ["b"], ongoing=False) == []  # b goes on; a and c end
-    assert gate.starts(active, ["a"], ongoing=False) == ["a"]  # a starts again
     assert [gate.allow(t) for t in (0.0, 1.0, 2.0, 59.9, 60.5)] == [True, True, False, False,
                                                                      True]
 

@@ -1,10 +1,11 @@
 """One training run's health: epoch metrics, rule flags, diagnoses, events and the summary.
 
-The state calls it once per closed epoch (never per step, except for a non-finite step):
+The pipeline calls it once per closed epoch (never per step, except for a non-finite step):
 
     health = RunHealth("run-1", load_profile(None))
     health.on_config({"learning_rate": 4e-4})
-    metrics, events = health.on_epoch(epoch_input)
+    verdict = health.on_epoch(epoch_input)          # metrics, events, raised
+    health.on_late_validation(epoch, samples)       # amends an epoch already closed
     health.summary({"dropped": 0})
 
 Deterministic: the same calls in the same order give identical metrics and events, so a
@@ -14,18 +15,43 @@ replayed recording reproduces the live records byte for byte.
 from __future__ import annotations
 
 import math
-from typing import Any
+from collections import deque
+from typing import Any, NamedTuple
 
 import numpy as np
 
-from collector.analysis.inputs import DataConstants, EpochInput
+from collector.analysis.datastats import DataStatsAccumulator
+from collector.analysis.inputs import DataConstants, EpochInput, ValidationInput
 from collector.analysis.profile import Profile
 from collector.analysis.rules import RuleEngine
-from collector.analysis.stats import EpochStats, epoch_stats
+from collector.analysis.stats import EpochStats, epoch_stats, validation_metrics
+from collector.records import CLEARED, Event
 
-__all__ = ["RunHealth"]
+__all__ = ["EpochVerdict", "RunHealth"]
 
 _NONFINITE_RULE = "nonfinite"
+AMEND_EPOCHS = 8  # how many closed epochs late validation samples may still amend
+
+
+class EpochVerdict(NamedTuple):
+    """What one epoch says: its metrics (with the flags), the changes, what is raised."""
+
+    epoch: int
+    metrics: dict[str, Any]
+    events: list[Event]
+    raised: tuple[str, ...]
+
+
+class _Evaluated(NamedTuple):
+    """What re-evaluating an epoch needs: the rules' state before it and its inputs."""
+
+    epoch: int
+    before: RuleEngine
+    metrics: dict[str, Any]  # without the flags
+    values: dict[str, float]
+    phase: int
+    details: dict[str, str]
+    published: EpochVerdict
 
 
 class RunHealth:
@@ -36,16 +62,14 @@ class RunHealth:
         self.profile = profile
         self.config: dict[str, Any] = {}
         self.consts: DataConstants | None = None
+        self.data = DataStatsAccumulator()
         self.engine = RuleEngine(profile)
         self._prev_loss: float | None = None
         # A NaN gradient norm in a StepSeries means "no norm sent"; the real NaNs reach
         # step_event first, and are counted in the epoch that holds their step.
         self._nan_grads: dict[int, set[int]] = {}
-        # What the summary needs, one entry per epoch that had it.
-        self._loss: list[tuple[int, float]] = []
-        self._grad_mean: list[float] = []
-        self._ema: list[float] = []
-        self._healthy: dict[str, list[tuple[int, int]]] = {"knee": [], "grf": []}
+        self._recent: deque[_Evaluated] = deque(maxlen=AMEND_EPOCHS)
+        self._epochs: dict[int, dict[str, Any]] = {}  # epoch -> what the summary reads
 
     def on_config(self, config: dict[str, Any]) -> None:
         """The run's hyperparameters; remedies quote the values they are about."""
@@ -55,11 +79,18 @@ class RunHealth:
         """Normalisation constants: validation knee/GRF figures are then physical units."""
         self.consts = consts
 
+    def on_data(self, chunk: np.ndarray, dtype: str) -> None:
+        """A chunk of the normalised training data (raw; the last axis is the channels)."""
+        self.data.add(chunk, dtype)
+
+    def data_metrics(self, channels: list[str]) -> dict[str, float]:
+        return self.data.metrics(channels)
+
     def step_event(self, rank: int, step: int, loss: float,
-                   grad_norm: float | None) -> dict | None:
+                   grad_norm: float | None) -> Event | None:
         """The immediate ``nonfinite`` event for a step with a NaN/Inf loss or grad norm.
 
-        None for a finite step, and while the rule is already firing (one event per
+        None for a finite step, and while the rule is already raised (one event per
         episode: the epoch's evaluation clears it once an epoch is finite again).
         """
         bad = []
@@ -77,8 +108,8 @@ class RunHealth:
             return None
         return ev
 
-    def on_epoch(self, inp: EpochInput) -> tuple[dict[str, float], list[dict]]:
-        """One closed epoch -> (metrics incl. health/* and diagnosis/* flags, events)."""
+    def on_epoch(self, inp: EpochInput) -> EpochVerdict:
+        """One closed epoch -> its metrics (with health/* and diagnosis/* flags) and events."""
         st = epoch_stats(inp, self.consts, self.profile)
         self._count_nan_grads(inp, st)
         m = st.metrics
@@ -96,33 +127,81 @@ class RunHealth:
         values: dict[str, float] = {**m, "facts/nonfinite": st.nonfinite_total}
         if st.ranks_compared > 1:
             values["facts/desync_ranks"] = len(st.desync)
-        flags, events = self.engine.evaluate(values, phase, _details(st), self.config)
-        m.update(flags)
-        self._remember(inp.epoch, m)
-        return m, events
+        before = self.engine.snapshot()
+        verdict = self._judge(inp.epoch, m, values, phase, _details(st))
+        self._recent.append(_Evaluated(inp.epoch, before, dict(m), values, phase,
+                                       _details(st), verdict))
+        return verdict
+
+    def on_late_validation(self, epoch: int, v: ValidationInput) -> list[EpochVerdict]:
+        """Samples for a closed epoch: that epoch is judged again with them, as if they had
+        come in time, and so is every epoch after it (their rules read it). Returns what
+        changed, epoch by epoch: each verdict's events are only the changes not published
+        before. Beyond ``AMEND_EPOCHS`` epochs back, the samples are too late: []."""
+        at = next((i for i, e in enumerate(self._recent) if e.epoch == epoch), None)
+        if at is None:
+            return []
+        metrics, bad = validation_metrics(v, self.consts, self.profile)
+        # raised since the last epoch (a non-finite step): still raised afterwards
+        between = self.engine.active - set(self._recent[-1].published.raised)
+        self.engine = self._recent[at].before.snapshot()
+        out = []
+        for i in range(at, len(self._recent)):
+            ev = self._recent[i]
+            m, values = dict(ev.metrics), dict(ev.values)
+            if i == at:
+                m.update(metrics)
+                values.update(metrics)
+                values["facts/nonfinite"] = values.get("facts/nonfinite", 0) + bad
+            before = self.engine.snapshot()
+            redo = self._judge(ev.epoch, m, values, ev.phase, ev.details)
+            self._recent[i] = ev._replace(before=before, metrics=m, values=values,
+                                          published=redo)
+            changed = _changes(ev.published, redo)
+            if i == at or changed.events or changed.raised != ev.published.raised:
+                out.append(changed)
+        self.engine.active |= between
+        return out
+
+    def _judge(self, epoch: int, m: dict[str, Any], values: dict[str, float], phase: int,
+               details: dict[str, str]) -> EpochVerdict:
+        flags, events = self.engine.evaluate(values, phase, details, self.config)
+        metrics = {**m, **flags}
+        self._epochs[epoch] = metrics
+        return EpochVerdict(epoch, metrics, events, tuple(sorted(self.engine.active)))
 
     def summary(self, counts: dict[str, int]) -> dict[str, float]:
         """End-of-run figures for comparing runs in a sweep, plus the run's loss counts."""
         out: dict[str, float] = {}
-        for name, seen in self._healthy.items():
+        epochs = sorted(self._epochs)
+        healthy = {name: [(e, int(self._epochs[e][f"validation/{name}_healthy"])) for e in epochs
+                          if f"validation/{name}_healthy" in self._epochs[e]]
+                   for name in ("knee", "grf")}
+        loss = [(e, self._epochs[e]["train/total_loss"]) for e in epochs
+                if "train/total_loss" in self._epochs[e]]
+        for name, seen in healthy.items():
             if seen:
                 out[f"summary/final_{name}_healthy"] = seen[-1][1]
-        if self._loss:
-            out["summary/min_total_loss"] = min(v for _, v in self._loss)
-        for name, seen in self._healthy.items():
+        if loss:
+            out["summary/min_total_loss"] = min(v for _, v in loss)
+        for name, seen in healthy.items():
             first = next((e for e, v in seen if v == 1), None)
             if first is not None:
                 out[f"summary/first_{name}_healthy_epoch"] = first
-        epochs = np.array([e for e, _ in self._loss], dtype=np.float64)
-        if epochs.size >= 2 and np.ptp(epochs) > 0:
-            x = epochs - epochs.mean()
-            y = np.array([v for _, v in self._loss])
+        x = np.array([e for e, _ in loss], dtype=np.float64)
+        if x.size >= 2 and np.ptp(x) > 0:
+            x = x - x.mean()
+            y = np.array([v for _, v in loss])
             out["summary/total_loss_slope"] = float(np.dot(x, y - y.mean()) / np.dot(x, x))
-        if self._grad_mean and np.mean(self._grad_mean) != 0:
-            g = np.asarray(self._grad_mean)
+        grad = [self._epochs[e]["train/grad_norm_mean"] for e in epochs
+                if "train/grad_norm_mean" in self._epochs[e]]
+        if grad and np.mean(grad) != 0:
+            g = np.asarray(grad)
             out["summary/grad_norm_mean_cv"] = float(g.std() / g.mean())
-        if self._ema:
-            out["summary/ema_diff_mean"] = float(np.mean(self._ema))
+        ema = [self._epochs[e]["model/ema_diff"] for e in epochs
+               if "model/ema_diff" in self._epochs[e]]
+        if ema:
+            out["summary/ema_diff_mean"] = float(np.mean(ema))
         out.update({f"summary/{k}": int(v) for k, v in counts.items()})
         return out
 
@@ -138,16 +217,17 @@ class RunHealth:
             if not pending:
                 del self._nan_grads[rank]
 
-    def _remember(self, epoch: int, m: dict[str, float]) -> None:
-        if "train/total_loss" in m:
-            self._loss.append((epoch, m["train/total_loss"]))
-        if "train/grad_norm_mean" in m:
-            self._grad_mean.append(m["train/grad_norm_mean"])
-        if "model/ema_diff" in m:
-            self._ema.append(m["model/ema_diff"])
-        for name in self._healthy:
-            if f"validation/{name}_healthy" in m:
-                self._healthy[name].append((epoch, int(m[f"validation/{name}_healthy"])))
+
+def _changes(old: EpochVerdict, new: EpochVerdict) -> EpochVerdict:
+    """``new`` with only the events that ``old`` did not already publish, and a clear for
+    every rule ``old`` said was raised that ``new`` no longer raises nor clears."""
+    said = {(e.rule, e.kind) for e in old.events}
+    events = [e for e in new.events if (e.rule, e.kind) not in said]
+    told = {e.rule for e in new.events}
+    for rule in sorted(set(old.raised) - set(new.raised) - told):
+        events.append(Event(rule, CLEARED, "info", f"{rule} cleared: judged again with "
+                                                   "the epoch's late validation samples"))
+    return new._replace(events=events)
 
 
 def _details(st: EpochStats) -> dict[str, str]:

@@ -1,7 +1,7 @@
 """What the collector's state hands to the statistics and rules stage.
 
-The state (``collector/state.py``) assembles these from decoded messages; the health
-stage (``collector/health.py``) turns them into metrics and events. Plain numpy arrays,
+The state (``collector.ingest.state``) assembles these from decoded messages; the health
+stage (``collector.analysis.health``) turns them into metrics and events. Plain numpy arrays,
 no I/O: the same objects come out of a live socket and out of a replayed recording.
 """
 
@@ -10,6 +10,17 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from trainer_client import wire
+
+# How each float dtype of the wire is held raw (numpy has no bfloat16: its bit pattern).
+RAW_DTYPES = dict(zip(wire.FLOAT_DTYPES, (np.float16, np.uint16, np.float32, np.float64),
+                      strict=True))
+
+
+def raw_array(t: wire.Tensor) -> np.ndarray:
+    """A float tensor off the wire as the raw array the kernels read (no copy)."""
+    return np.frombuffer(t.data, RAW_DTYPES[t.dtype]).reshape(t.shape)
 
 
 @dataclass

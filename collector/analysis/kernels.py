@@ -25,6 +25,8 @@ from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic, overload
 
+from trainer_client.wire import FLOAT_DTYPES
+
 __all__ = [
     "DTYPES",
     "as_kernel_input",
@@ -37,7 +39,7 @@ __all__ = [
     "window_median",
 ]
 
-DTYPES = ("float16", "float32", "float64", "bfloat16")
+DTYPES = FLOAT_DTYPES  # the wire's float dtypes: the kernels read each raw
 _BLOCK = 1024  # values per block: one shift each; a NaN/Inf block is re-read from L1
 _F16_SUBNORMAL = 2.0**-24  # value of the lowest float16 mantissa bit when the exponent is 0
 

@@ -40,7 +40,7 @@ _MULTI_METRIC = ("threshold", "change")  # kinds that take a list or a "prefix/*
 _RULE_KEYS = {"enabled", "severity", "message", "remedy", "phases", "detail", "suggest"}
 _DIAG_KEYS = {"enabled", "severity", "cause", "remedy", "phases", "suggest", "require",
               "score", "conditions"}
-_TOP_KEYS = {"name", "channels", "validation", "phases", "ddp", "gradients", "rules",
+_TOP_KEYS = {"name", "channels", "validation", "phases", "ddp", "gradients", "loss", "rules",
              "diagnoses"}
 # What a message template may name; every kind fills the ones it knows.
 MESSAGE_FIELDS = dict(value=1.0, threshold=1.0, metric="m", median=1.0, factor=1.0,
@@ -65,6 +65,8 @@ _CHECKS: dict[str, tuple[Any, str]] = {
                "a list of phase numbers (1, 2, ...)"),
     "ends": (lambda v: isinstance(v, list) and all(_is_int(p) for p in v)
              and v == sorted(set(v)), "an increasing list of epochs"),
+    "names": (lambda v: isinstance(v, list) and all(isinstance(n, str) and n for n in v),
+              "a list of names"),
     "metric": (lambda v: (isinstance(v, str) and v != "") or (
         isinstance(v, list) and v != [] and all(isinstance(m, str) and m for m in v)),
         "a metric name or a list of them"),
@@ -131,6 +133,7 @@ class Profile:
     phase_ends: tuple[int, ...]  # phase i (1-based) covers epochs up to phase_ends[i-1]
     desync_rel_tol: float
     report_params: int
+    loss_terms: tuple[str, ...]  # the loss terms in the order views show them
     rules: tuple[Rule, ...]
     diagnoses: tuple[Diagnosis, ...]
 
@@ -139,6 +142,20 @@ class Profile:
             if epoch <= end:
                 return i + 1
         return len(self.phase_ends) + 1
+
+    def diagnosis(self, did: str) -> Diagnosis | None:
+        return next((d for d in self.diagnoses if d.id == did), None)
+
+    @property
+    def thresholds(self) -> dict[str, float]:
+        """The validation thresholds views draw as lines (wandb gets them as constant
+        series beside the metrics: its panels have no threshold option)."""
+        out = {}
+        if self.knee_channel:
+            out["threshold/knee_r_std"] = self.knee_healthy_std
+        if self.grf_channel:
+            out["threshold/grf_vz_r_std"] = self.grf_healthy_std
+        return out
 
     @property
     def history_len(self) -> int:
@@ -217,7 +234,7 @@ class _Builder:
 
     def build(self) -> Profile:
         self.table((), self.data, _TOP_KEYS)
-        for section in ("channels", "validation", "phases", "ddp", "gradients"):
+        for section in ("channels", "validation", "phases", "ddp", "gradients", "loss"):
             self.table((section,), self.data.get(section, {}), None)
         rules = tuple(self.rule(rid, body) for rid, body in
                       self.table(("rules",), self.data.get("rules", {}), None).items()
@@ -235,6 +252,7 @@ class _Builder:
             phase_ends=tuple(self.get(("phases", "ends"), "ends", [])),
             desync_rel_tol=self.get(("ddp", "desync_rel_tol"), "number"),
             report_params=self.get(("gradients", "report_params"), "posint"),
+            loss_terms=tuple(self.get(("loss", "terms"), "names", [])),
             rules=rules, diagnoses=diags)
 
     def condition(self, keys: tuple[str, ...], body: dict, extra: set[str]) -> Condition:

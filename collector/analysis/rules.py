@@ -21,6 +21,7 @@ import numpy as np
 
 from collector.analysis.kernels import window_median
 from collector.analysis.profile import Condition, Diagnosis, Profile, Rule
+from collector.records import CLEARED, RAISED, Event
 
 __all__ = ["History", "RuleEngine", "check", "format_value"]
 
@@ -49,6 +50,11 @@ class History:
     def latest(self, name: str) -> float | None:
         s = self._series.get(name)
         return s[-1] if s else None
+
+    def copy(self) -> History:
+        twin = History(self.maxlen)
+        twin._series = {k: s.copy() for k, s in self._series.items()}
+        return twin
 
     def push(self, values: dict[str, float]) -> None:
         for name, v in values.items():
@@ -202,53 +208,70 @@ def _remedy(text: str, suggest: tuple[tuple[str, float | str], ...], config: dic
 
 
 class RuleEngine:
-    """One run's rule state; ``evaluate`` once per closed epoch, in epoch order."""
+    """One run's rule state; ``evaluate`` once per closed epoch, in epoch order.
+
+    ``active`` holds the rules (by id) and diagnoses (``diagnosis/<id>``) raised now. Every
+    rule the run has judged gets a flag each epoch from it, so a flag says the state at
+    every epoch, not only where it changed.
+    """
 
     def __init__(self, profile: Profile) -> None:
         self.profile = profile
         self.history = History(profile.history_len)
         self.active: set[str] = set()
+        self.judged: dict[str, str] = {}  # flag name -> key in ``active``, once judged
+
+    def snapshot(self) -> RuleEngine:
+        """A copy to go back to (an epoch amended later is evaluated again from it)."""
+        twin = RuleEngine.__new__(RuleEngine)
+        twin.profile = self.profile
+        twin.history = self.history.copy()
+        twin.active = set(self.active)
+        twin.judged = dict(self.judged)
+        return twin
 
     def evaluate(self, values: dict[str, float], phase: int, details: dict[str, str],
-                 config: dict[str, Any]) -> tuple[dict[str, int], list[dict]]:
-        """Flags (``health/<id>``, ``diagnosis/<id>``: 0/1 where judged) and events."""
-        flags: dict[str, int] = {}
-        events: list[dict] = []
+                 config: dict[str, Any]) -> tuple[dict[str, int], list[Event]]:
+        """Flags (``health/<id>``, ``diagnosis/<id>``: 1 while raised) and the changes."""
+        scores: dict[str, int] = {}
+        events: list[Event] = []
         for rule in self.profile.rules:
             res = check(rule.condition, values, self.history) if _in(rule, phase) else None
             if res is not None:
-                flags[f"health/{rule.id}"] = int(res["holds"])
+                self.judged.setdefault(f"health/{rule.id}", rule.id)
             self._transition(rule.id, res, _in(rule, phase), events,
                              lambda r, rule=rule: self._rule_event(rule, r, details, config))
         for diag in self.profile.diagnoses:
             res = self._diagnose(diag, values) if _in(diag, phase) else None
+            key = f"diagnosis/{diag.id}"
             if res is not None:
-                flags[f"diagnosis/{diag.id}"] = int(res["holds"])
+                self.judged.setdefault(key, key)
                 if diag.score:
-                    flags[f"health/{diag.id}_score"] = res["count"]
-                    flags[f"health/{diag.id}"] = int(res["holds"])
-            self._transition(f"diagnosis/{diag.id}", res, _in(diag, phase), events,
+                    scores[f"health/{diag.id}_score"] = res["count"]
+                    self.judged.setdefault(f"health/{diag.id}", key)
+            self._transition(key, res, _in(diag, phase), events,
                              lambda r, diag=diag: self._diag_event(diag, r, config))
         self.history.push(values)
-        return flags, events
+        flags = {name: int(key in self.active) for name, key in self.judged.items()}
+        return {**flags, **scores}, events
 
     def activate(self, key: str) -> bool:
-        """Marks a rule firing between epochs (an immediate event); True if it was not."""
+        """Marks a rule raised between epochs (an immediate event); True if it was not."""
         if key in self.active:
             return False
         self.active.add(key)
         return True
 
-    def rule_event(self, rule_id: str, message: str, config: dict[str, Any]) -> dict | None:
-        """The start event of a rule with a message of the caller's; None if no such rule."""
+    def rule_event(self, rule_id: str, message: str, config: dict[str, Any]) -> Event | None:
+        """The raise event of a rule with a message of the caller's; None if no such rule."""
         for rule in self.profile.rules:
             if rule.id == rule_id:
-                return {"rule": rule.id, "severity": rule.severity, "message": message,
-                        "remedy": _remedy(rule.remedy, rule.suggest, config)}
+                return Event(rule.id, RAISED, rule.severity, message,
+                             _remedy(rule.remedy, rule.suggest, config))
         return None
 
-    def _transition(self, key: str, res: Result | None, in_phase: bool, events: list[dict],
-                    start: Callable[[Result], dict]) -> None:
+    def _transition(self, key: str, res: Result | None, in_phase: bool, events: list[Event],
+                    start: Callable[[Result], Event]) -> None:
         if res is not None and res["holds"]:
             if key not in self.active:
                 self.active.add(key)
@@ -256,8 +279,7 @@ class RuleEngine:
         elif key in self.active and (res is not None or not in_phase):
             self.active.discard(key)
             why = "" if res is None else _cleared(res)
-            events.append({"rule": key, "severity": "info",
-                           "message": f"{key} cleared{why}", "remedy": ""})
+            events.append(Event(key, CLEARED, "info", f"{key} cleared{why}"))
 
     def _diagnose(self, diag: Diagnosis, values: dict[str, float]) -> Result | None:
         results = [(name, check(c, values, self.history)) for name, c in diag.conditions]
@@ -268,21 +290,21 @@ class RuleEngine:
         return {"holds": len(held) >= diag.require, "count": len(held), "held": held}
 
     def _rule_event(self, rule: Rule, res: Result, details: dict[str, str],
-                    config: dict[str, Any]) -> dict:
+                    config: dict[str, Any]) -> Event:
         try:
             message = rule.message.format(**{**_BLANK, **res})
         except (KeyError, IndexError, ValueError):
             message = f"{rule.id}: {res.get('metric')} = {res.get('value')}"
         if details.get(rule.detail):
             message = f"{message}; {details[rule.detail]}"
-        return {"rule": rule.id, "severity": rule.severity, "message": message,
-                "remedy": _remedy(rule.remedy, rule.suggest, config)}
+        return Event(rule.id, RAISED, rule.severity, message,
+                     _remedy(rule.remedy, rule.suggest, config))
 
-    def _diag_event(self, diag: Diagnosis, res: Result, config: dict[str, Any]) -> dict:
+    def _diag_event(self, diag: Diagnosis, res: Result, config: dict[str, Any]) -> Event:
         message = (f"{diag.id.replace('_', ' ')}: {res['count']} of {len(diag.conditions)} "
                    f"conditions hold ({', '.join(res['held'])}). Cause: {diag.cause}")
-        return {"rule": f"diagnosis/{diag.id}", "severity": diag.severity, "message": message,
-                "remedy": _remedy(diag.remedy, diag.suggest, config)}
+        return Event(f"diagnosis/{diag.id}", RAISED, diag.severity, message,
+                     _remedy(diag.remedy, diag.suggest, config))
 
 
 def _in(item: Rule | Diagnosis, phase: int) -> bool:

@@ -16,7 +16,7 @@ __all__ = ["RankCounters"]
 
 class RankCounters:
     __slots__ = ("messages", "by_kind", "first_seq", "last_seq", "first_time", "last_time",
-                 "instance", "_unique", "_done_gaps", "_done_drops", "_dropped", "rejected")
+                 "instance", "_unique", "_done_gaps", "_done_drops", "_dropped")
 
     def __init__(self) -> None:
         self.messages = 0
@@ -26,7 +26,6 @@ class RankCounters:
         self.first_time: float | None = None
         self.last_time: float | None = None
         self.instance: int | None = None
-        self.rejected = 0
         self._unique = 0  # distinct seqs of the current instance
         self._dropped = 0  # the current instance's latest report
         self._done_gaps = 0  # totals of earlier instances
@@ -83,7 +82,6 @@ class RankCounters:
             "by_kind": {wire.KINDS[k]: n for k, n in enumerate(self.by_kind) if n},
             "seq_gaps": self.seq_gaps,
             "reported_drops": self.reported_drops,
-            "rejected": self.rejected,
             "first_seq": self.first_seq,
             "last_seq": self.last_seq,
             "first_time": self.first_time,

@@ -1,18 +1,20 @@
 """The one code path from frames to records, for the live socket and for replay alike.
 
-    frames -> decode/validate -> state.admit -> recording -> state.apply -> health -> sinks
+    frames -> decode -> state.admit -> recording -> state.apply -> facts
+           -> analysis (health.on_epoch, ...) -> typed records -> sink
 
 Messages come in batches (``feed_batch``): what the server drained off the socket, or a
 stretch of a recording. Binary step frames, nearly all of the traffic, are parsed in one
 compiled pass (``stepscan``); a run of them whose streams are known and whose sequence
-numbers rise is recorded (``recordscan``) and appended to the state column-wise. Every
-other message, and any step the bulk pass does not vouch for, takes the per-message path
-(``feed``), which gives the same result one at a time; tests hold the two equal.
+numbers rise is recorded in bulk and appended to the state column-wise. Every other
+message, and any step the bulk pass does not vouch for, takes the per-message path
+(``feed``), which gives the same result one at a time; tests hold the two equal. Both
+record what they accept before it has any effect.
 
 Live, the server asks ``tick(now)`` for the clock's decisions (epoch timeouts), which are
 written to the recording as CONTROL records. A replay feeds the recorded frames and
-controls, in order, to an identical pipeline with no recorder, so it reaches identical
-records.
+controls, in order, to an identical pipeline with a recorder that records nothing, so it
+reaches identical records.
 """
 
 from __future__ import annotations
@@ -25,17 +27,39 @@ from typing import NamedTuple
 import msgpack
 import numpy as np
 
+from collector.analysis.health import EpochVerdict, RunHealth
 from collector.analysis.profile import Profile
+from collector.ingest.facts import (
+    BadStep,
+    ConfigSeen,
+    DataChunk,
+    EpochClosed,
+    Fact,
+    LateValidation,
+    RunFinished,
+    RunOpened,
+)
 from collector.ingest.state import State, Stream
-from collector.ingest.stepscan import Steps, admit, group_rows, parse_steps
+from collector.ingest.stepscan import COUNT, SEQ, Steps, admit, group_rows, parse_steps
 from collector.recording.format import CONTROL, MESSAGE
 from collector.recording.reader import ReadStats, frames_of, open_recording, scan
-from collector.recording.scan import pack_messages
-from collector.recording.writer import RecordWriter
-from collector.sinks.base import NullSink, Record, Sink
+from collector.recording.writer import NullRecorder, Recorder
+from collector.records import (
+    ConfigRecord,
+    DataStatsRecord,
+    EpochRecord,
+    EventRecord,
+    Record,
+    RunRecord,
+    SummaryRecord,
+)
+from collector.sinks.base import NullSink, Sink
 from trainer_client import wire
 
 __all__ = ["Batch", "Pipeline", "replay"]
+
+_log = logging.getLogger("trainwatch.collector")
+MIN_RUN = 8  # fast steps in a row worth a bulk pass (one costs ~20 us of numpy calls)
 
 
 class Batch(NamedTuple):
@@ -61,48 +85,39 @@ class Batch(NamedTuple):
                    np.fromiter(map(len, messages), np.int64, n),
                    lambda i: [f if type(f) is bytes else bytes(f) for f in messages[i]])
 
-_log = logging.getLogger("trainwatch.collector")
-MIN_RUN = 8  # fast steps in a row worth a bulk pass (one costs ~20 us of numpy calls)
-_NOT_RULES = ("health/phase", "health/mode_collapse_score")
-
 
 class Pipeline:
-    """Feed it frames (``feed``) and recorded controls; it writes records to ``sink``."""
+    """Feed it frames (``feed``, ``feed_batch``) and recorded controls; records go to ``sink``.
+
+    ``recorder`` keeps what is accepted (a ``NullRecorder`` records nothing).
+    """
 
     def __init__(self, profile: Profile, sink: Sink | None = None,
-                 recorder: RecordWriter | None = None, epoch_timeout_s: float = 60.0) -> None:
+                 recorder: Recorder | None = None, epoch_timeout_s: float = 60.0) -> None:
+        self.profile = profile
         self.sink: Sink = sink if sink is not None else NullSink()
-        self.recorder = recorder
+        self.recorder: Recorder = recorder if recorder is not None else NullRecorder()
         self.epoch_timeout_s = epoch_timeout_s
-        self.state = State(profile, self._emit)
-        self.state.before_apply = self._record
+        self.state = State()
+        self.health: dict[str, RunHealth] = {}
         self.accepted = 0
         self.bulk_accepted = 0  # of which taken by the bulk step path
         self.rejected: dict[str, int] = {}
         self.records_out = 0
+        self.active: dict[str, tuple[str, ...]] = {}  # run -> rules raised at its last epoch
         self._pending_rejects: dict[str, dict[str, int]] = {}
-        self.muted = False  # while rebuilding state from an old recording
-        self.active: dict[str, list[str]] = {}  # run -> rules firing in its latest epoch
-
-    def _emit(self, record: Record) -> None:
-        self.records_out += 1
-        if record["type"] == "epoch":
-            self.active[record["run"]] = sorted(
-                k[7:] for k, v in record["metrics"].items()
-                if k.startswith("health/") and v == 1 and k not in _NOT_RULES)
-        if not self.muted:
-            self.sink.write(record)
 
     def warm_up(self) -> None:
         """Compile (or load from numba's cache) the kernels before the first epoch needs them."""
         from collector.analysis import kernels
         from collector.ingest import stepscan
-        from collector.recording import scan
+        from collector.recording import scan as recordscan
 
         kernels.warm_up()
         stepscan.warm_up()
-        scan.warm_up()
+        recordscan.warm_up()
 
+    # -- messages in ---------------------------------------------------------------
     def feed(self, frames: list) -> bool:
         """One message off the wire (or out of a recording). True if accepted."""
         try:
@@ -110,13 +125,15 @@ class Pipeline:
         except wire.DecodeError as exc:
             self._reject(exc.reason, exc.run)
             return False
-        try:
-            reason = self.state.accept(msg, frames)
-        except Exception:  # a bug must not take the collector down: count it, go on
-            self._internal_error(1, msg.kind, msg.run)
-            return False
+        reason = self.state.admit(msg)
         if reason is not None:
             self._reject(reason, msg.run)
+            return False
+        self._record(frames)
+        try:
+            self._publish(self.state.apply(msg))
+        except Exception:  # a bug must not take the collector down: count it, go on
+            self._internal_error(1, msg.kind, msg.run)
             return False
         self.accepted += 1
         return True
@@ -127,8 +144,7 @@ class Pipeline:
         if not n:
             return
         s = parse_steps(b.buf, b.offs, b.lens, b.nfr)
-        fast = s.fast
-        slow = np.flatnonzero(~fast).tolist() + [n]
+        slow = np.flatnonzero(~s.fast).tolist() + [n]
         i = k = 0
         while i < n:
             while slow[k] < i:
@@ -149,7 +165,7 @@ class Pipeline:
         accepted as it stands; return where that stopped."""
         keys = s.key[a:e]
         ukeys, first = np.unique(keys, return_index=True)
-        streams: list[Stream] = []
+        streams: list[Stream | None] = []
         for key, f in zip(ukeys.tolist(), first.tolist(), strict=True):
             o, ln = s.run_at[a + f]
             st = self.state.stream(key, b.buf[o:o + ln].tobytes())
@@ -164,7 +180,7 @@ class Pipeline:
         for f in nfirst.tolist():
             o, ln = s.names_at[a + f]
             try:  # the decoder keeps the last region it read: steps repeat their names
-                nm = wire.step_names(b.buf[o:o + ln].tobytes(), int(s.comp_at[a + f, 1]))
+                nm = wire.step_names(b.buf[o:o + ln].tobytes(), int(s.comp_at[a + f, COUNT]))
             except wire.DecodeError:
                 nm = None  # not utf-8: the per-message path rejects it
             if nm is None:
@@ -173,25 +189,21 @@ class Pipeline:
         if e == a:
             return a
         sidx = np.searchsorted(ukeys, keys[:e - a])
-        last = np.array([-1 if st is None else st.rank.counters.last_seq for st in streams],
-                        np.int64)
-        e = a + admit(sidx, s.ints[a:e, 3], last)
+        e = a + admit(sidx, s.ints[a:e, SEQ], self.state.last_seqs(streams))
         if e == a:
             return a
         sidx = sidx[:e - a]
         nidx = np.searchsorted(unames, nkeys[:e - a])
-        if self.recorder is not None:
-            if self._pending_rejects:
-                self._record_rejects()
-            self.recorder.append_packed(pack_messages(b.buf, b.offs[a:e], b.lens[a:e]), e - a)
+        self._flush_rejects()
+        self.recorder.append_messages(b.buf, b.offs[a:e], b.lens[a:e])
         g = group_rows(s, a, sidx, nidx, len(streams))
         seg_ids = nidx[g.rows[g.changes] - a].tolist()
         cb = g.change_bounds.tolist()
         for j, st in enumerate(streams):
-            if g.bounds[j + 1] > g.bounds[j]:
+            if g.bounds[j + 1] > g.bounds[j] and st is not None:
                 try:
-                    self.state.accept_steps(st, g, j, [names[k] for k in seg_ids[cb[j]:cb[j + 1]]],
-                                            s, b.buf)
+                    self.state.apply_steps(st, g, j, [names[k] for k in seg_ids[cb[j]:cb[j + 1]]],
+                                           s, b.buf)
                 except Exception:  # a bug must not take the collector down
                     self._internal_error(int(g.bounds[j + 1] - g.bounds[j]), wire.KIND_STEP,
                                          st.run.run)
@@ -199,6 +211,47 @@ class Pipeline:
         self.bulk_accepted += e - a
         return e
 
+    # -- facts -> analysis -> records ----------------------------------------------
+    def _publish(self, facts: list[Fact]) -> None:
+        for f in facts:
+            if isinstance(f, EpochClosed):
+                v = self.health[f.run].on_epoch(f.inp)
+                self._emit(self._epoch_record(f.run, v, f.ranks, f.missing))
+            elif isinstance(f, RunOpened):
+                self.health[f.run] = RunHealth(f.run, self.profile)
+                self._emit(RunRecord(f.run, f.world_size, f.env))
+            elif isinstance(f, BadStep):
+                ev = self.health[f.run].step_event(f.rank, f.step, f.loss, f.grad_norm)
+                if ev is not None:
+                    self._emit(EventRecord(f.run, f.epoch, f.step, f.rank, (ev,)))
+            elif isinstance(f, ConfigSeen):
+                self.health[f.run].on_config(f.config)
+                self._emit(ConfigRecord(f.run, f.config))
+            elif isinstance(f, DataChunk):
+                health = self.health[f.run]
+                if f.consts is not None:
+                    health.on_data_constants(f.consts)
+                health.on_data(f.chunk, f.dtype)
+                if f.last:
+                    self._emit(DataStatsRecord(f.run, health.data_metrics(f.channels)))
+            elif isinstance(f, LateValidation):
+                for v in self.health[f.run].on_late_validation(f.epoch, f.validation):
+                    self._emit(self._epoch_record(f.run, v, amends=True))
+            elif isinstance(f, RunFinished):
+                metrics = self.health[f.run].summary(f.counts)
+                self._emit(SummaryRecord(f.run, f.last_closed, metrics, f.ended))
+
+    def _epoch_record(self, run: str, v: EpochVerdict, ranks: tuple[int, ...] = (),
+                      missing: tuple[int, ...] = (), amends: bool = False) -> EpochRecord:
+        self.active[run] = v.raised
+        return EpochRecord(run, v.epoch, v.metrics, tuple(v.events), v.raised, ranks, missing,
+                           amends)
+
+    def _emit(self, record: Record) -> None:
+        self.records_out += 1
+        self.sink.write(record)
+
+    # -- rejects and recording -----------------------------------------------------
     def _internal_error(self, n: int, kind: int, run: str) -> None:
         count = self.rejected.get("internal_error", 0)
         if count < 3 or (count + n) // 1000 != count // 1000:
@@ -206,11 +259,9 @@ class Pipeline:
                            wire.KINDS.get(kind), run, count + n)
         self._reject("internal_error", run, n)
 
-    def _record(self, frames: list | None) -> None:
-        if self.recorder is not None:
-            if self._pending_rejects:
-                self._record_rejects()
-            self.recorder.append(MESSAGE, frames)
+    def _record(self, frames: list) -> None:
+        self._flush_rejects()
+        self.recorder.append(MESSAGE, frames)
 
     def _reject(self, reason: str, run: str | None, n: int = 1) -> None:
         self.rejected[reason] = self.rejected.get(reason, 0) + n
@@ -218,30 +269,29 @@ class Pipeline:
         per_run = self._pending_rejects.setdefault(run or "", {})
         per_run[reason] = per_run.get(reason, 0) + n
 
-    def _record_rejects(self) -> None:
+    def _flush_rejects(self) -> None:
         """Rejects reach the recording as one control, so a replay's counts agree."""
-        ctl = {"op": "rejects", "counts": self._pending_rejects}
-        self._pending_rejects = {}
-        if self.recorder is not None:
+        if self._pending_rejects:
+            ctl = {"op": "rejects", "counts": self._pending_rejects}
+            self._pending_rejects = {}
             self.recorder.append(CONTROL, [msgpack.packb(ctl)])
 
+    # -- decisions, replay, the end ------------------------------------------------
     def control(self, ctl: dict, record: bool = True) -> None:
         """Apply a decision (from the clock, or replayed from a CONTROL record)."""
-        if record and self.recorder is not None:
+        if record:
             self.recorder.append(CONTROL, [msgpack.packb(ctl)])
         if ctl.get("op") == "rejects":
-            if not record:  # live rejects were counted when they happened
-                for reason_counts in ctl["counts"].values():
-                    for reason, n in reason_counts.items():
-                        self.rejected[reason] = self.rejected.get(reason, 0) + n
-                self.state.control(ctl)
-            return
-        self.state.control(ctl)
+            if record:  # live rejects were counted when they happened
+                return
+            for reason_counts in ctl["counts"].values():
+                for reason, n in reason_counts.items():
+                    self.rejected[reason] = self.rejected.get(reason, 0) + n
+        self._publish(self.state.control(ctl))
 
     def tick(self, now: float) -> None:
         """Live only: the clock's decisions, recorded before they are applied."""
-        if self._pending_rejects:
-            self._record_rejects()
+        self._flush_rejects()
         for ctl in self.state.overdue(now, self.epoch_timeout_s):
             self.control(ctl)
 
@@ -251,17 +301,28 @@ class Pipeline:
         raw = open_recording(path, st)
         if raw is None:
             return st
-        for rtype, body, _, nfr, first, flen, *_ in scan(raw, st):
+        for c in scan(raw, st):
             a = 0
-            for c in [*np.flatnonzero(rtype != MESSAGE).tolist(), len(rtype)]:
-                if c > a:
-                    self.feed_batch(Batch(raw, first[a:c], flen[a:c], nfr[a:c],
-                                          _record_frames(raw, body[a:c], nfr[a:c], first[a:c])))
-                if c < len(rtype) and rtype[c] == CONTROL:
-                    self._replay_control(frames_of(raw, int(body[c]), int(nfr[c]),
-                                                   int(first[c])), st)
-                a = c + 1
+            for k in [*np.flatnonzero(c.rtype != MESSAGE).tolist(), len(c.rtype)]:
+                if k > a:
+                    self.feed_batch(Batch(raw, c.first[a:k], c.first_len[a:k], c.n_frames[a:k],
+                                          _record_frames(raw, c.body[a:k], c.n_frames[a:k],
+                                                         c.first[a:k])))
+                if k < len(c.rtype) and c.rtype[k] == CONTROL:
+                    self._replay_control(frames_of(raw, int(c.body[k]), int(c.n_frames[k]),
+                                                   int(c.first[k])), st)
+                a = k + 1
         return st
+
+    def rebuild(self, path: str | Path) -> int:
+        """Bring the state back from an earlier session's recording: nothing is recorded
+        again and nothing reaches the sink. Returns the records read."""
+        recorder, sink = self.recorder, self.sink
+        self.recorder, self.sink = NullRecorder(), NullSink()
+        try:
+            return self.feed_recording(path).records
+        finally:
+            self.recorder, self.sink = recorder, sink
 
     def _replay_control(self, frames: list, st: ReadStats) -> None:
         try:
@@ -273,12 +334,10 @@ class Pipeline:
             self.control(ctl, record=False)
 
     def finish(self, timeout_s: float = 30.0) -> None:
-        """Close what is open: summaries for unfinished runs, then the sinks."""
-        if self._pending_rejects:
-            self._record_rejects()
-        self.state.finish_all()
-        if self.recorder is not None:
-            self.recorder.close()
+        """Close what is open: summaries for unfinished runs, then the recording and sinks."""
+        self._flush_rejects()
+        self._publish(self.state.finish_all())
+        self.recorder.close()
         self.sink.close(timeout_s)
 
 

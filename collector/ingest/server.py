@@ -12,13 +12,13 @@ import ipaddress
 import logging
 import signal
 import time
-from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import zmq
 
 from collector.ingest.pipeline import Batch, Pipeline
+from collector.report.liveview import NullView, StatusView
 
 __all__ = ["Collector", "check_binds", "receive"]
 
@@ -84,14 +84,14 @@ class Collector:
     """Serves ``binds`` into ``pipeline`` until stopped (or, with ``once``, until done)."""
 
     def __init__(self, binds: list[str], pipeline: Pipeline, curve_keys: str | None = None,
-                 once: bool = False, quiet_s: float = 3.0, view: Any = None,
+                 once: bool = False, quiet_s: float = 3.0, view: StatusView | None = None,
                  max_msg_bytes: int = 256 << 20, rcvhwm: int = 100_000) -> None:
         self.binds = binds
         self.pipeline = pipeline
         self.curve_keys = curve_keys
         self.once = once
         self.quiet_s = quiet_s
-        self.view = view
+        self.view: StatusView = view if view is not None else NullView()
         self.max_msg_bytes = max_msg_bytes
         self.rcvhwm = rcvhwm
         self._stop = False
@@ -129,9 +129,8 @@ class Collector:
         finally:
             self.pipeline.finish()
             self._tell_unrecorded(final=True)
-            if self.view is not None:
-                self.view.update(self.status())
-                self.view.close()
+            self.view.update(self.status())
+            self.view.close()
             sock.close()
             if auth is not None:
                 auth.stop()
@@ -149,11 +148,9 @@ class Collector:
             if now >= next_tick:
                 next_tick = now + TICK_S
                 self.pipeline.tick(now)
-                if self.pipeline.recorder is not None:
-                    self.pipeline.recorder.flush()
-                    self._tell_unrecorded()
-                if self.view is not None:
-                    self.view.update(self.status())
+                self.pipeline.recorder.flush()
+                self._tell_unrecorded()
+                self.view.update(self.status())
                 if self.once and self.pipeline.state.all_finished() \
                         and now - last_msg >= self.quiet_s:
                     return
@@ -169,14 +166,14 @@ class Collector:
                 break
             self.pipeline.feed_batch(Batch.of(batch))
             total += len(batch)
-        if total and self.pipeline.recorder is not None:
+        if total:
             self.pipeline.recorder.flush()
         return total
 
     def _tell_unrecorded(self, final: bool = False, every_s: float = 30.0) -> None:
         """What the recording lost, in the log: all a --no-view collector shows."""
         rec = self.pipeline.recorder
-        if rec is None:
+        if rec.path is None:
             return
         told, at = self._unrecorded_told
         now = time.monotonic()
@@ -192,38 +189,13 @@ class Collector:
         """What the live view shows; computed from the state, twice a second at most."""
         p = self.pipeline
         now = time.monotonic()
-        runs = {}
-        for name, run in p.state.runs.items():
-            msgs = sum(r.counters.messages for r in run.ranks.values())
+        runs = p.state.run_status()
+        for name, run in runs.items():
             t0, n0 = self._counts.get(name, (self.started, 0))
-            rate = (msgs - n0) / max(1e-3, now - t0)
-            self._counts[name] = (now, msgs)
-            runs[name] = {
-                "epoch": run.last_closed if run.last_closed >= 0 else None,
-                "ranks_connected": sum(1 for r in run.ranks.values() if not r.finished),
-                "world_size": run.world_size,
-                "messages": msgs,
-                "msgs_per_s": rate,
-                "dropped": sum(r.counters.reported_drops for r in run.ranks.values()),
-                "rejected": sum(run.rejected.values()),
-                "active_warnings": p.active.get(name, []),
-                "finished": run.finished,
-            }
+            run["msgs_per_s"] = (run["messages"] - n0) / max(1e-3, now - t0)
+            run["active_warnings"] = list(p.active.get(name, ()))
+            self._counts[name] = (now, run["messages"])
         rec = p.recorder
-        return {"uptime_s": now - self.started,
-                "recorded": rec.recorded if rec else 0,
-                "unrecorded": rec.unrecorded if rec else 0,
-                "recording_error": rec.error if rec else None,
+        return {"uptime_s": now - self.started, "recorded": rec.recorded,
+                "unrecorded": rec.unrecorded, "recording_error": rec.error,
                 "rejected": dict(p.rejected), "runs": runs}
-
-
-def rebuild(pipeline: Pipeline, recording: Path) -> int:
-    """Bring the state back from an earlier session's recording, sinks muted."""
-    rec, pipeline.recorder = pipeline.recorder, None
-    pipeline.muted = True
-    try:
-        st = pipeline.feed_recording(recording)
-    finally:
-        pipeline.muted = False
-        pipeline.recorder = rec
-    return st.records

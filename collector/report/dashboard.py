@@ -5,8 +5,9 @@
 
     url = create_workspace("gait-diffusion", entity="my-team")
 
-wandb panels have no threshold option, so the wandb sink logs the constant series in
-``THRESHOLD_SERIES`` beside the metrics and the validation panel plots them as lines.
+wandb panels have no threshold option, so the wandb sink logs the profile's thresholds
+(``Profile.thresholds``) as constant series beside the metrics and the validation panel
+plots them as lines.
 """
 
 from __future__ import annotations
@@ -14,15 +15,11 @@ from __future__ import annotations
 import os
 from typing import Any
 
-__all__ = ["THRESHOLD_SERIES", "WorkspaceError", "X_AXIS", "create_workspace",
-           "build_workspace", "workspace_spec"]
+from collector.analysis.profile import Profile, load_profile
 
-# Logged by the wandb sink at every validation epoch so the panels can draw the seed's
-# thresholds (knee angle std in radians, vertical GRF std in newtons).
-THRESHOLD_SERIES: dict[str, float] = {
-    "threshold/knee_r_std": 0.1,
-    "threshold/grf_vz_r_std": 10.0,
-}
+__all__ = ["WorkspaceError", "X_AXIS", "create_workspace", "build_workspace",
+           "workspace_spec"]
+
 # The wandb sink logs each epoch record at step = epoch, so wandb's step axis is the epoch.
 X_AXIS = "Step"
 WORKSPACE_NAME = "trainwatch: training health"
@@ -39,28 +36,33 @@ def _bar(title: str, *metrics: str) -> Panel:
     return {"kind": "bar", "title": title, "metrics": list(metrics)}
 
 
-def workspace_spec(project: str, entity: str | None = None) -> dict[str, Any]:
+def workspace_spec(project: str, entity: str | None = None,
+                   profile: Profile | None = None) -> dict[str, Any]:
     """The seed's four dashboard panels as sections of a wandb workspace (plain data).
 
     Each section holds panels of kind ``line``, ``bar`` or ``stacked_area``; ``metrics``
-    are exact wandb keys, ``metric_regex`` (stacked area) matches a key family.
+    are exact wandb keys, ``metric_regex`` (stacked area) matches a key family. The
+    thresholds and loss terms are the profile's (default: the packaged one).
     """
     if not project:
         raise ValueError("workspace_spec needs a project name")
+    profile = profile if profile is not None else load_profile(None)
+    th = profile.thresholds
+    validation = [_line(f"validation/{key}_std (threshold {th[f'threshold/{key}_std']:g} "
+                        f"{unit})", f"validation/{key}_std", f"threshold/{key}_std")
+                  for key, unit in (("knee_r", "rad"), ("grf_vz_r", "N"))
+                  if f"threshold/{key}_std" in th]
+    flags = [f"validation/{k}_healthy" for k, ch in (("knee", profile.knee_channel),
+                                                      ("grf", profile.grf_channel)) if ch]
+    if flags:
+        validation.append(_bar(" and ".join(f.split("/")[1] for f in flags), *flags))
     sections = [
         {"name": "1. Training health", "panels": [
             _line("train/total_loss", "train/total_loss"),
             _line("train/grad_norm_mean", "train/grad_norm_mean"),
             _bar("train/is_improving", "train/is_improving"),
         ]},
-        {"name": "2. Validation quality", "panels": [
-            _line("validation/knee_r_std (threshold 0.1 rad)",
-                  "validation/knee_r_std", "threshold/knee_r_std"),
-            _line("validation/grf_vz_r_std (threshold 10 N)",
-                  "validation/grf_vz_r_std", "threshold/grf_vz_r_std"),
-            _bar("knee_healthy and grf_healthy",
-                 "validation/knee_healthy", "validation/grf_healthy"),
-        ]},
+        {"name": "2. Validation quality", "panels": validation},
         {"name": "3. Mode-collapse detection", "panels": [
             _line("train/batch_loss_cv", "train/batch_loss_cv"),
             _line("validation/gen_std", "validation/gen_std"),
@@ -68,13 +70,12 @@ def workspace_spec(project: str, entity: str | None = None) -> dict[str, Any]:
         ]},
         {"name": "4. Loss components", "panels": [
             {"kind": "stacked_area", "title": "loss_ratio/*",
-             "metrics": [f"loss_ratio/{name}" for name in
-                         ("simple", "vel", "fk", "drift", "slide")],
+             "metrics": [f"loss_ratio/{name}" for name in profile.loss_terms],
              "metric_regex": "^loss_ratio/.*"},
         ]},
     ]
     return {"entity": entity, "project": project, "name": WORKSPACE_NAME,
-            "x_axis": X_AXIS, "thresholds": dict(THRESHOLD_SERIES), "sections": sections}
+            "x_axis": X_AXIS, "thresholds": th, "sections": sections}
 
 
 def build_workspace(spec: dict[str, Any]) -> Any:
@@ -110,7 +111,8 @@ class WorkspaceError(RuntimeError):
     """The workspace could not be created (offline, not logged in, or rejected by wandb)."""
 
 
-def create_workspace(project: str, entity: str | None = None) -> str:
+def create_workspace(project: str, entity: str | None = None,
+                     profile: Profile | None = None) -> str:
     """Save the seed's dashboard as a wandb workspace of ``project``; returns its URL.
 
     Needs the network and a wandb API key (``wandb login`` or ``WANDB_API_KEY``).
@@ -133,7 +135,7 @@ def create_workspace(project: str, entity: str | None = None) -> str:
         raise WorkspaceError(
             "creating a wandb workspace needs a wandb API key and the network "
             f"(run `wandb login` or set WANDB_API_KEY): {exc}") from exc
-    workspace = build_workspace(workspace_spec(project, entity))
+    workspace = build_workspace(workspace_spec(project, entity, profile))
     try:
         workspace.save()
         return str(workspace.url)

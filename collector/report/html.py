@@ -4,7 +4,10 @@ A verdict first, then the sweep table, then per run the seed's four dashboard pa
 health-event timeline, the diagnoses with their remedies and the per-rank counts. plotly.js
 is embedded once, so the file opens offline (it is about 5 MB)::
 
-    write_report(records, "out/report.html", ranks=server.rank_counts())
+    write_report(records, "out/report.html", profile, ranks=pipeline.state.rank_table())
+
+``records`` are the records' JSON form (``MemorySink.json()``, or the JSONL's lines): the
+report shows exactly what the JSONL holds.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from collections.abc import Iterable
 from html import escape
 from typing import Any
 
+from collector.analysis.profile import Profile
 from collector.report import plots as report_plots
 from collector.report.model import (
     SEVERITY_RANK,
@@ -36,7 +40,7 @@ SUMMARY_COLUMNS = (  # the seed's sweep priorities first
     ("grad_norm_mean_cv", "grad norm CV"), ("ema_diff_mean", "mean EMA diff"),
     ("dropped", "dropped"), ("rejected", "rejected"),
 )
-PHASES = {1: "early training", 2: "convergence", 3: "fine-tuning"}
+PHASES = {1: "early training", 2: "convergence", 3: "fine-tuning"}  # the guide's names
 LEVEL_TEXT = {"healthy": "Healthy", "recovered": "Warnings earlier",
               "warnings": "Healthy, with warnings", "unhealthy": "Unhealthy",
               "no data": "No data yet"}
@@ -158,18 +162,26 @@ def _sort_num(value: Any, missing: float) -> float:
     return float(value) if ok else missing
 
 
-def _facts(run: RunData, v: Verdict) -> str:
+def _phase_text(phase: int, profile: Profile) -> str:
+    ends = profile.phase_ends
+    lo = ends[phase - 2] + 1 if phase >= 2 and phase - 2 < len(ends) else 1
+    span = f"epochs {lo}-{ends[phase - 1]}" if phase - 1 < len(ends) else f"epochs {lo}+"
+    return f"{PHASES.get(phase, 'phase')}, {span}"
+
+
+def _facts(run: RunData, v: Verdict, profile: Profile) -> str:
     last = run.last_metrics()
     facts = [f"world size <b>{_fmt(run.world_size)}</b>",
              f"epochs <b>{len(run.epochs)}</b> (last <b>{_fmt(run.last_epoch())}</b>)"]
     phase = last.get("health/phase")
     if isinstance(phase, (int, float)) and math.isfinite(phase):
-        facts.append(f"phase <b>{int(phase)}</b> ({PHASES.get(int(phase), 'unknown')})")
+        facts.append(f"phase <b>{int(phase)}</b> ({_phase_text(int(phase), profile)})")
     score = last.get("health/mode_collapse_score")
-    if isinstance(score, (int, float)) and math.isfinite(score):
-        cls = "bad" if score >= 3 else "ok"
-        facts.append(f'mode-collapse checklist <b class="{cls}">{int(score)}/6</b> '
-                     "(3 or more: collapse)")
+    collapse = profile.diagnosis("mode_collapse")
+    if isinstance(score, (int, float)) and math.isfinite(score) and collapse is not None:
+        cls = "bad" if score >= collapse.require else "ok"
+        facts.append(f'mode-collapse checklist <b class="{cls}">{int(score)}/'
+                     f"{len(collapse.conditions)}</b> ({collapse.require} or more: collapse)")
     out = f'<p class="facts">{_badge(v.level)} ' + " · ".join(facts) + "</p>"
     for name, values in (("Configuration", run.config), ("Data statistics", run.data_stats),
                          ("Environment", run.env)):
@@ -180,14 +192,14 @@ def _facts(run: RunData, v: Verdict) -> str:
     return out
 
 
-def _panels(run: RunData) -> str:
+def _panels(run: RunData, profile: Profile) -> str:
     notes = ("no epoch has closed yet",
-             "no validation epoch yet (the seed validates every 50 epochs)",
+             "no validation samples logged yet",
              "no batch-loss, generation or EMA statistics yet",
              "no loss components reported (loss_ratio/*)")
     cards = []
     for i, title in enumerate(report_plots.PANEL_TITLES):
-        div = report_plots.panel_figure(i, run.epochs, f"{run.anchor}-panel{i + 1}")
+        div = report_plots.panel_figure(i, run.epochs, f"{run.anchor}-panel{i + 1}", profile)
         body = div if div else f'<p class="empty">{notes[i]}</p>'
         cards.append(f'<div class="card"><h3>{i + 1}. {title}</h3>{body}</div>')
     return f'<div class="grid">{"".join(cards)}</div>'
@@ -241,31 +253,33 @@ def _ranks(run: RunData, counts: dict[Any, dict[str, Any]] | None) -> str:
     for name in sorted(names, key=lambda k: (0, int(k), k) if k.isdigit() else (1, 0, k)):
         c = by_name.get(name) or {}
         cells = [escape(name)]
-        for key in ("messages", "seq_gaps", "reported_drops", "rejected"):
+        for key in ("messages", "seq_gaps", "reported_drops"):
             value = c.get(key)
             bad = key != "messages" and isinstance(value, (int, float)) and value > 0
             cells.append(f'<span class="bad">{_fmt(value)}</span>' if bad else _fmt(value))
         n_missing = run.missing.get(name, 0)
         cells.append(f'<span class="bad">{n_missing}</span>' if n_missing else "0")
         rows.append(cells)
-    return out + _table(["rank", "messages", "sequence gaps", "reported drops", "rejected",
-                         "epochs missing"], rows, {1, 2, 3, 4, 5})
+    return out + _table(["rank", "messages", "sequence gaps", "reported drops",
+                         "epochs missing"], rows, {1, 2, 3, 4})
 
 
 def _lost(run: RunData, ranks: dict | None) -> int:
-    """Messages lost to drops or rejects: the summary's count, or the per-rank counts."""
-    per_rank = sum(int(c.get("reported_drops") or 0) + int(c.get("rejected") or 0)
+    """Messages lost to drops or rejects: the summary's count, or the per-rank drops."""
+    per_rank = sum(int(c.get("reported_drops") or 0)
                    for c in ((ranks or {}).get(run.run) or {}).values() if isinstance(c, dict))
     return max(run.lost(), per_rank)
 
 
-def _run_section(run: RunData, v: Verdict, ranks: dict[str, Any] | None) -> str:
+def _run_section(run: RunData, v: Verdict, ranks: dict[str, Any] | None,
+                 profile: Profile) -> str:
     counts = (ranks or {}).get(run.run)
-    return (f'<section id="{run.anchor}"><h2>Run {escape(run.run)}</h2>{_facts(run, v)}'
-            f"{_panels(run)}{_events(run)}{_diagnoses(run)}{_ranks(run, counts)}</section>")
+    return (f'<section id="{run.anchor}"><h2>Run {escape(run.run)}</h2>'
+            f"{_facts(run, v, profile)}{_panels(run, profile)}{_events(run)}{_diagnoses(run)}"
+            f"{_ranks(run, counts)}</section>")
 
 
-def render_report(records: list[dict], ranks: dict | None = None,
+def render_report(records: list[dict], profile: Profile, ranks: dict | None = None,
                   title: str | None = None) -> str:
     """One self-contained HTML page for ``records`` (any mix of runs and record types)."""
     from plotly.offline import get_plotlyjs
@@ -273,7 +287,8 @@ def render_report(records: list[dict], ranks: dict | None = None,
     title = title or "trainwatch health report"
     runs = group_runs(records)
     verdicts = [verdict(run) for run in runs]
-    sections = "".join(_run_section(r, v, ranks) for r, v in zip(runs, verdicts, strict=True))
+    sections = "".join(_run_section(r, v, ranks, profile)
+                       for r, v in zip(runs, verdicts, strict=True))
     sweep = _sweep_table(runs, verdicts) if runs else ""
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             '<meta name="viewport" content="width=device-width, initial-scale=1">'
@@ -286,10 +301,10 @@ def render_report(records: list[dict], ranks: dict | None = None,
             "</body></html>\n")
 
 
-def write_report(records: list[dict], path: str | os.PathLike[str],
+def write_report(records: list[dict], path: str | os.PathLike[str], profile: Profile,
                  ranks: dict | None = None, title: str | None = None) -> None:
     """Render and write atomically: a reader never sees half a report."""
-    text = render_report(records, ranks=ranks, title=title)
+    text = render_report(records, profile, ranks=ranks, title=title)
     target = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(target))
     os.makedirs(directory, exist_ok=True)

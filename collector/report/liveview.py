@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol, TextIO
 
-__all__ = ["PlainView", "RichView", "StatusView", "make_view"]
+__all__ = ["NullView", "PlainView", "RichView", "StatusView", "make_view"]
 
 Status = dict[str, Any]
 
@@ -26,6 +26,16 @@ class StatusView(Protocol):
     def update(self, status: Status) -> None: ...
 
     def close(self) -> None: ...
+
+
+class NullView:
+    """A view that shows nothing (``collect --no-view``), so the server never asks."""
+
+    def update(self, status: Status) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 def make_view(stream: TextIO = sys.stdout) -> StatusView:

@@ -16,7 +16,7 @@ import plotly.graph_objects as go
 import plotly.io as pio
 from plotly.subplots import make_subplots
 
-from collector.report.dashboard import THRESHOLD_SERIES
+from collector.analysis.profile import Profile
 
 __all__ = ["PANEL_TITLES", "events_timeline", "panel_figure"]
 
@@ -24,7 +24,6 @@ Epochs = dict[int, dict[str, Any]]  # epoch -> that epoch's metrics
 
 PANEL_TITLES = ("Training health", "Validation quality", "Mode-collapse detection",
                 "Loss components")
-LOSS_COMPONENTS = ("simple", "vel", "fk", "drift", "slide")  # the seed's order
 SEVERITY_COLORS = {"critical": "#b3261e", "error": "#b3261e", "warning": "#d97706",
                    "warn": "#d97706", "info": "#64748b"}
 GOOD, BAD, LINE, THRESHOLD = "#1b7f3b", "#b3261e", "#2563eb", "#b3261e"
@@ -102,17 +101,20 @@ def _flag_bars(fig: go.Figure, row: int, epochs: Epochs, keys: Sequence[str]) ->
     return drawn
 
 
-def _threshold(fig: go.Figure, row: int, epochs: Epochs, key: str, label: str) -> None:
-    """The seed's threshold as a dashed line across the run's epochs (the wandb constant)."""
+def _threshold(fig: go.Figure, row: int, epochs: Epochs, profile: Profile, key: str,
+               label: str) -> None:
+    """The profile's threshold as a dashed line across the run's epochs (wandb's constant)."""
+    if key not in profile.thresholds:
+        return
     lo, hi = min(epochs), max(epochs)
-    value = THRESHOLD_SERIES[key]
+    value = profile.thresholds[key]
     fig.add_trace(go.Scatter(x=[lo, hi if hi > lo else lo + 1], y=[value, value], mode="lines",
                              name=f"{key} = {value:g} {label}",
                              line={"color": THRESHOLD, "dash": "dash", "width": 1.5}),
                   row=row, col=1)
 
 
-def _panel_training(epochs: Epochs) -> tuple[go.Figure, bool]:
+def _panel_training(epochs: Epochs, profile: Profile) -> tuple[go.Figure, bool]:
     fig = make_subplots(rows=3, cols=1, shared_xaxes=True, vertical_spacing=0.08,
                         subplot_titles=("train/total_loss", "train/grad_norm_mean",
                                         "train/is_improving"))
@@ -125,21 +127,21 @@ def _panel_training(epochs: Epochs) -> tuple[go.Figure, bool]:
     return fig, drawn
 
 
-def _panel_validation(epochs: Epochs) -> tuple[go.Figure, bool]:
+def _panel_validation(epochs: Epochs, profile: Profile) -> tuple[go.Figure, bool]:
     fig = make_subplots(rows=3, cols=1, shared_xaxes=True, vertical_spacing=0.08,
                         subplot_titles=("validation/knee_r_std (rad)",
                                         "validation/grf_vz_r_std (N)",
                                         "validation/knee_healthy, validation/grf_healthy"))
     drawn = _line(fig, 1, epochs, "validation/knee_r_std", markers=True)
-    _threshold(fig, 1, epochs, "threshold/knee_r_std", "rad")
+    _threshold(fig, 1, epochs, profile, "threshold/knee_r_std", "rad")
     drawn |= _line(fig, 2, epochs, "validation/grf_vz_r_std", markers=True)
-    _threshold(fig, 2, epochs, "threshold/grf_vz_r_std", "N")
+    _threshold(fig, 2, epochs, profile, "threshold/grf_vz_r_std", "N")
     drawn |= _flag_bars(fig, 3, epochs, ["validation/knee_healthy", "validation/grf_healthy"])
     fig.update_layout(barmode="group")
     return fig, drawn
 
 
-def _panel_collapse(epochs: Epochs) -> tuple[go.Figure, bool]:
+def _panel_collapse(epochs: Epochs, profile: Profile) -> tuple[go.Figure, bool]:
     fig = make_subplots(rows=3, cols=1, shared_xaxes=True, vertical_spacing=0.08,
                         subplot_titles=("train/batch_loss_cv", "validation/gen_std",
                                         "model/ema_diff"))
@@ -149,10 +151,11 @@ def _panel_collapse(epochs: Epochs) -> tuple[go.Figure, bool]:
     return fig, drawn
 
 
-def _panel_components(epochs: Epochs) -> tuple[go.Figure, bool]:
+def _panel_components(epochs: Epochs, profile: Profile) -> tuple[go.Figure, bool]:
     fig = go.Figure()
     names = {k.split("/", 1)[1] for m in epochs.values() for k in m if k.startswith("loss_ratio/")}
-    ordered = [n for n in LOSS_COMPONENTS if n in names] + sorted(names - set(LOSS_COMPONENTS))
+    terms = profile.loss_terms
+    ordered = [n for n in terms if n in names] + sorted(names - set(terms))
     drawn = False
     for name in ordered:
         xs, ys = _series(epochs, f"loss_ratio/{name}")
@@ -168,11 +171,11 @@ def _panel_components(epochs: Epochs) -> tuple[go.Figure, bool]:
 _BUILDERS = (_panel_training, _panel_validation, _panel_collapse, _panel_components)
 
 
-def panel_figure(index: int, epochs: Epochs, div_id: str) -> str | None:
+def panel_figure(index: int, epochs: Epochs, div_id: str, profile: Profile) -> str | None:
     """Panel ``index`` (0-3, in ``PANEL_TITLES`` order) as HTML, or None when it has no data."""
     if not epochs:
         return None
-    fig, drawn = _BUILDERS[index](epochs)
+    fig, drawn = _BUILDERS[index](epochs, profile)
     if not drawn:
         return None
     fig.update_layout(height=300 if index == 3 else 620, showlegend=True)

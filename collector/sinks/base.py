@@ -1,26 +1,20 @@
-"""Where the collector's records go: JSONL, wandb, the console.
+"""The sink contract: what every output of the collector implements.
 
-A record is a plain dict, the same for every sink and for live and replay:
-
-    {"type": "config" | "data_stats" | "epoch" | "event" | "summary",
-     "run": str, "epoch": int | None, "metrics": {name: number}, "events": [event, ...]}
-
-An event is ``{"rule", "severity", "message", "remedy"}``. Epoch records also carry
-``"ranks"`` and ``"missing_ranks"``.
-
-A sink implements ``write(record)`` and ``close(timeout_s)``. ``FanOut`` keeps one failing
-sink from hurting the others or the ingest loop.
+A sink takes the typed records of ``collector.records`` (the same for every sink, live and
+in replay) with ``write(record)``, and ``close(timeout_s)`` ends it within that time.
+``NullSink`` does nothing, so callers never ask whether output is on; ``FanOut`` keeps one
+failing sink from hurting the others or the ingest loop.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Protocol
+from typing import Protocol
 
-Record = dict[str, Any]
+from collector.records import Record
 
-__all__ = ["FanOut", "NullSink", "Record", "Sink"]
+__all__ = ["FanOut", "NullSink", "Sink"]
 
 _log = logging.getLogger("trainwatch.sinks")
 

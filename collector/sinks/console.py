@@ -1,27 +1,29 @@
-"""Health events as console lines on the collector, one per rule start or clear."""
+"""Health events as console lines on the collector: one per rule raised or cleared."""
 
 from __future__ import annotations
 
 import logging
 
-from collector.sinks.base import Record
+from collector.records import CLEARED, EpochRecord, EventRecord, Record, SummaryRecord
+
+__all__ = ["EventLogSink"]
 
 _log = logging.getLogger("trainwatch.health")
 
 
 class EventLogSink:
     def write(self, record: Record) -> None:
-        for ev in record.get("events", ()):
-            level = logging.INFO if ev.get("severity") == "info" else logging.WARNING
-            where = f"epoch {record.get('epoch')}" if record.get("epoch") is not None else ""
-            remedy = f" -> {ev['remedy']}" if ev.get("remedy") else ""
-            _log.log(level, "[%s] %s %s: %s%s", record.get("run"), where, ev.get("rule"),
-                     ev.get("message"), remedy)
-        if record.get("type") == "summary":
-            _log.info("[%s] run finished: %s", record.get("run"),
+        if isinstance(record, EpochRecord | EventRecord):
+            where = f"epoch {record.epoch}"
+            for ev in record.events:
+                level = logging.INFO if ev.kind == CLEARED else logging.WARNING
+                remedy = f" -> {ev.remedy}" if ev.remedy else ""
+                _log.log(level, "[%s] %s %s: %s%s", record.run, where, ev.rule, ev.message,
+                         remedy)
+        elif isinstance(record, SummaryRecord):
+            _log.info("[%s] run %s: %s", record.run, record.ended,
                       ", ".join(f"{k.split('/', 1)[1]}={v}"
-                                for k, v in sorted(record.get("metrics", {}).items())
-                                if v is not None))
+                                for k, v in sorted(record.metrics.items()) if v is not None))
 
     def close(self, timeout_s: float = 10.0) -> None:
         pass

@@ -1,4 +1,7 @@
-"""JSON Lines sink: one record per line, deterministic (sorted keys, non-finite -> null)."""
+"""JSON Lines sink: one record per line, deterministic (sorted keys, non-finite -> null).
+
+    sink = JsonlSink("run.jsonl")        # appends; see ``skip`` for a restarted collector
+"""
 
 from __future__ import annotations
 
@@ -7,18 +10,19 @@ import math
 from pathlib import Path
 from typing import Any
 
-from collector.sinks.base import Record
+from collector.records import Record
+
+__all__ = ["JsonlSink", "MemorySink", "clean", "dumps"]
 
 
 def clean(v: Any) -> Any:
-    """JSON has no NaN/Inf: they become null, so every line parses anywhere."""
+    """JSON has no NaN/Inf: they become null, so every line parses anywhere. (Values are
+    plain already: the state made them so at the door, ``records.plain``.)"""
     if isinstance(v, float):
         return v if math.isfinite(v) else None
-    if isinstance(v, (bytes, bytearray, memoryview)):  # msgpack bin in a config value
-        return bytes(v).hex()
     if isinstance(v, dict):
-        return {str(k): clean(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
+        return {k: clean(x) for k, x in v.items()}
+    if isinstance(v, list | tuple):
         return [clean(x) for x in v]
     if hasattr(v, "item"):  # a numpy scalar
         return clean(v.item())
@@ -26,7 +30,9 @@ def clean(v: Any) -> Any:
 
 
 def dumps(record: Record) -> str:
-    return json.dumps(clean(record), sort_keys=True, separators=(",", ":"), allow_nan=False)
+    """A record's one JSON line (what the report reads, too)."""
+    return json.dumps(clean(record.json()), sort_keys=True, separators=(",", ":"),
+                      allow_nan=False)
 
 
 class JsonlSink:
@@ -47,13 +53,17 @@ class JsonlSink:
 
 
 class MemorySink:
-    """Keeps records in a list (for the report and for callers that want them in hand)."""
+    """Keeps the records in a list (for the report and for callers that want them in hand)."""
 
     def __init__(self) -> None:
         self.records: list[Record] = []
 
     def write(self, record: Record) -> None:
-        self.records.append(clean(record))
+        self.records.append(record)
+
+    def json(self) -> list[dict]:
+        """The records' JSON form, exactly as the JSONL sink writes them."""
+        return [json.loads(dumps(r)) for r in self.records]
 
     def close(self, timeout_s: float = 10.0) -> None:
         pass

@@ -5,13 +5,16 @@ puts the record on a bounded queue (full -> dropped and counted); a daemon threa
 the wandb calls, so a slow, stalled or failing wandb never slows ingest::
 
     sink = WandbSink(project="gait-diffusion", dir="out")   # offline unless a key is set
-    sink.write({"type": "epoch", "run": "job-17", "epoch": 3, "metrics": {...}, "events": []})
+    sink.write(epoch_record)                                 # a collector.records record
     sink.close(timeout_s=10.0)                               # finishes open runs, returns
     print(sink.stats)                                        # {"written": .., "dropped": ..}
 
 Each epoch record is one ``log`` call at ``step = epoch`` with ``epoch`` also defined as
 every metric's step metric, so both wandb's default axis and the epoch axis are the epoch.
-``wandb`` is imported on the sink's thread at its first run, never at collector import.
+An amendment of an epoch already logged goes one step after, at its ``epoch``: charts on
+the epoch axis show it where it belongs. The flags are the record's own (the collector's
+state at that epoch); the sink infers nothing. ``wandb`` is imported on the sink's thread
+at its first run, never at collector import.
 """
 
 from __future__ import annotations
@@ -31,18 +34,23 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from collector.sinks.base import Record
-
-try:
-    from collector.report.dashboard import THRESHOLD_SERIES
-except ImportError:  # the dashboard module is optional; the series are the seed's thresholds
-    THRESHOLD_SERIES = {"threshold/knee_r_std": 0.1, "threshold/grf_vz_r_std": 10.0}
+from collector.records import (
+    RAISED,
+    ConfigRecord,
+    DataStatsRecord,
+    EpochRecord,
+    Event,
+    EventRecord,
+    Record,
+    RunRecord,
+    SummaryRecord,
+)
 
 __all__ = ["EVENT_COLUMNS", "WandbSink", "resolve_mode", "wandb_run_id"]
 
 _log = logging.getLogger("trainwatch.wandb")
 
-EVENT_COLUMNS = ["epoch", "rule", "severity", "message", "remedy"]
+EVENT_COLUMNS = ["epoch", "rule", "kind", "severity", "message", "remedy"]
 # Summary aggregations the seed compares across a sweep (guide: "What to compare").
 SUMMARY_AGGREGATIONS = {
     "train/total_loss": "min",
@@ -92,23 +100,11 @@ def resolve_mode(mode: str | None) -> str:
 
 
 class _AlertGate:
-    """Allows an alert once per start of a rule (per run) and at most ``per_min`` a minute."""
+    """At most ``per_min`` alerts a minute, over every run of the sink."""
 
     def __init__(self, per_min: int) -> None:
         self.per_min = per_min
         self._sent: deque[float] = deque()
-
-    def starts(self, active: set[str], rules: list[str], ongoing: bool) -> list[str]:
-        """The rules that start now; ``active`` (the rules firing so far) is updated.
-
-        ``ongoing`` is False for an epoch record, whose events are the complete set firing
-        at that epoch: a rule absent from it has ended and may start again later.
-        """
-        new = [r for r in dict.fromkeys(rules) if r not in active]
-        if not ongoing:
-            active.clear()
-        active.update(rules)
-        return new
 
     def allow(self, now: float) -> bool:
         while self._sent and now - self._sent[0] >= 60.0:
@@ -127,20 +123,20 @@ class _Run:
     data_stats: dict[str, Any] = field(default_factory=dict)  # waits for the first row
     event_rows: list[list[Any]] = field(default_factory=list)
     events_unlogged: bool = False
-    rules_seen: set[str] = field(default_factory=set)
-    active_rules: set[str] = field(default_factory=set)
 
 
 class WandbSink:
     """Writes trainwatch records to wandb on a daemon thread; see the module docstring.
 
-    ``project``/``entity``/``group`` come from the CLI; unset, the run's forwarded
+    ``thresholds`` (``Profile.thresholds``) are logged as constant series at validation
+    epochs. ``project``/``entity``/``group`` come from the CLI; unset, the run's forwarded
     ``WANDB_PROJECT``/``WANDB_ENTITY``/``WANDB_RUN_GROUP``, then the collector's own, then
     project "trainwatch". ``settings`` overrides the sink's wandb.Settings.
     ``block_when_full`` makes ``write`` wait for room instead of dropping: for uploading a
     recording, where no training loop waits and nothing should be lost. ``alerts``
-    (default: online only) sends ``run.alert`` when a rule starts; an offline run would
-    keep them in its file and send them, stale, at ``wandb sync``.
+    (default: online only) sends ``run.alert`` when a rule is raised (never when it
+    clears); an offline run would keep them in its file and send them, stale, at
+    ``wandb sync``.
     """
 
     def __init__(self, project: str | None = None, entity: str | None = None,
@@ -148,8 +144,10 @@ class WandbSink:
                  dir: str | Path | None = None, queue_size: int = 1000,
                  settings: Mapping[str, Any] | None = None, alerts_per_min: int = 6,
                  finish_timeout_s: float = 60.0, log_every_s: float = 10.0,
-                 block_when_full: bool = False, alerts: bool | None = None) -> None:
+                 block_when_full: bool = False, alerts: bool | None = None,
+                 thresholds: Mapping[str, float] | None = None) -> None:
         self.mode = resolve_mode(mode)
+        self.thresholds = dict(thresholds or {})
         self.dir = None if dir is None else Path(dir)
         self.stats = {"written": 0, "dropped": 0, "failed": 0, "alerts": 0}
         self._project, self._entity, self._group = project, entity, group
@@ -242,32 +240,29 @@ class WandbSink:
             self._end(run_id, exit_code=1)  # the training run had not ended
 
     def _handle(self, record: Record) -> None:
-        run_id, kind = str(record.get("run")), record.get("type")
+        run_id, kind = record.run, type(record).__name__
         reopen = run_id in self._ended
-        if reopen and kind != "run":
+        if reopen and not isinstance(record, RunRecord):
             self._count("dropped")
-            self._warn("late", "wandb: %r record of run %r after its summary, dropped",
-                       kind, run_id)
+            self._warn("late", "wandb: %s of run %r after its summary, dropped", kind, run_id)
             return
         self._ended.discard(run_id)  # a run record after the summary: the job was relaunched
         try:
             state = self._runs.get(run_id)
             if state is None:
                 state = self._runs[run_id] = _Run(run=None)
-                state.run = self._init(run_id, record.get("env") or {}, reopen)
+                env = record.env if isinstance(record, RunRecord) else {}
+                state.run = self._init(run_id, env, reopen)
             if state.run is None:
                 self._count("failed")  # its init failed before; not retried
             else:
-                handler = getattr(self, f"_on_{kind}", None)
-                if handler is None:
-                    raise ValueError(f"unknown record type {kind!r}")
-                handler(run_id, state, record)
+                self._HANDLERS[type(record)](self, run_id, state, record)
                 self._count("written")
         except Exception:
             self._count("failed")
-            self._warn("failed", "wandb failed on a %r record of run %r (%d failures so far)",
+            self._warn("failed", "wandb failed on a %s of run %r (%d failures so far)",
                        kind, run_id, self.stats["failed"], exc=True)
-        if kind == "summary":
+        if isinstance(record, SummaryRecord):
             self._ended.add(run_id)
             self._runs.pop(run_id, None)
 
@@ -301,19 +296,18 @@ class WandbSink:
         return run
 
     # --- one handler per record type ----------------------------------------------------
-    def _on_run(self, run_id: str, state: _Run, record: Record) -> None:
-        state.run.config.update(record.get("metrics") or {}, allow_val_change=True)
+    def _on_run(self, run_id: str, state: _Run, record: RunRecord) -> None:
+        state.run.config.update({"world_size": record.world_size}, allow_val_change=True)
 
-    _on_config = _on_run
+    def _on_config(self, run_id: str, state: _Run, record: ConfigRecord) -> None:
+        state.run.config.update(record.config, allow_val_change=True)
 
-    def _on_data_stats(self, run_id: str, state: _Run, record: Record) -> None:
-        stats = {k if k.startswith("data_stats/") else f"data_stats/{k}": v
-                 for k, v in (record.get("metrics") or {}).items()}
-        state.run.summary.update(stats)
-        state.data_stats.update(stats)  # logged once, in the first epoch's row
+    def _on_data_stats(self, run_id: str, state: _Run, record: DataStatsRecord) -> None:
+        state.run.summary.update(record.metrics)
+        state.data_stats.update(record.metrics)  # logged once, in the first epoch's row
 
-    def _on_epoch(self, run_id: str, state: _Run, record: Record) -> None:
-        run, epoch = state.run, int(record["epoch"])
+    def _on_epoch(self, run_id: str, state: _Run, record: EpochRecord) -> None:
+        run, epoch = state.run, record.epoch
         if not state.axes_defined:
             # Defined at the first epoch, so that nothing logged earlier gets an epoch.
             run.define_metric("epoch")
@@ -321,47 +315,41 @@ class WandbSink:
             for name, agg in SUMMARY_AGGREGATIONS.items():
                 run.define_metric(name, step_metric="epoch", summary=agg)
             state.axes_defined = True
-        metrics, events = record.get("metrics") or {}, record.get("events") or []
-        row: dict[str, Any] = {**state.data_stats, **metrics, "epoch": epoch}
+        row: dict[str, Any] = {**state.data_stats, **record.metrics, "epoch": epoch}
         state.data_stats = {}
-        if any(k.startswith("validation/") for k in metrics):
-            row.update(THRESHOLD_SERIES)
-        rules_now = {str(e.get("rule")) for e in events}
-        state.rules_seen |= rules_now
-        row.update({f"health/{r}": int(r in rules_now) for r in sorted(state.rules_seen)})
-        row["health/n_events"] = len(events)
-        if "ranks" in record:
-            row["ranks/reporting"] = len(record["ranks"])
-        if "missing_ranks" in record:
-            row["ranks/missing"] = len(record["missing_ranks"])
-        starts = self._add_events(state, epoch, events, ongoing=False)
+        if any(k.startswith("validation/") for k in record.metrics):
+            row.update(self.thresholds)
+        row["health/n_raised"] = len(record.raised)
+        if not record.amends:
+            row["ranks/reporting"] = len(record.ranks)
+            row["ranks/missing"] = len(record.missing)
+        self._add_events(state, epoch, record.events)
         if state.events_unlogged:
             row["health/events"] = self._events_table(state)
-        # step = epoch keeps wandb's own axis on the epoch; a repeated epoch goes one after.
+        # step = epoch keeps wandb's own axis on the epoch; a repeated epoch (an amendment)
+        # goes one after, and the epoch axis puts it where it belongs.
         step = epoch if epoch > state.last_step else state.last_step + 1
         run.log(row, step=step, commit=True)  # now, not when the next step begins
         state.last_step = step
-        self._alert(run_id, state, epoch, events, starts)
+        self._alert(run_id, state, epoch, record.events)
 
-    def _on_event(self, run_id: str, state: _Run, record: Record) -> None:
+    def _on_event(self, run_id: str, state: _Run, record: EventRecord) -> None:
         # Shown in the next epoch's row, or in the summary when the run ends first.
-        epoch, events = record.get("epoch"), record.get("events") or []
-        starts = self._add_events(state, epoch, events, ongoing=True)
-        self._alert(run_id, state, epoch, events, starts)
+        self._add_events(state, record.epoch, record.events)
+        self._alert(run_id, state, record.epoch, record.events)
 
-    def _on_summary(self, run_id: str, state: _Run, record: Record) -> None:
-        state.run.summary.update(record.get("metrics") or {})
+    def _on_summary(self, run_id: str, state: _Run, record: SummaryRecord) -> None:
+        state.run.summary.update({**record.metrics, "trainwatch/ended": record.ended})
         self._finish(state, exit_code=0)
 
+    _HANDLERS = {RunRecord: _on_run, ConfigRecord: _on_config, DataStatsRecord: _on_data_stats,
+                 EpochRecord: _on_epoch, EventRecord: _on_event, SummaryRecord: _on_summary}
+
     # --- events, alerts, finishing -------------------------------------------------------
-    def _add_events(self, state: _Run, epoch: int | None, events: list[dict[str, Any]],
-                    ongoing: bool) -> list[str]:
+    def _add_events(self, state: _Run, epoch: int | None, events: tuple[Event, ...]) -> None:
         for e in events:
-            state.event_rows.append([epoch, str(e.get("rule")), str(e.get("severity")),
-                                     str(e.get("message", "")), str(e.get("remedy", ""))])
+            state.event_rows.append([epoch, e.rule, e.kind, e.severity, e.message, e.remedy])
             state.events_unlogged = True
-        return self._gate.starts(state.active_rules, [str(e.get("rule")) for e in events],
-                                 ongoing)
 
     def _events_table(self, state: _Run) -> Any:
         import wandb
@@ -370,26 +358,25 @@ class WandbSink:
         return wandb.Table(columns=EVENT_COLUMNS, data=[list(r) for r in state.event_rows])
 
     def _alert(self, run_id: str, state: _Run, epoch: int | None,
-               events: list[dict[str, Any]], starts: list[str]) -> None:
-        """``run.alert`` for each rule that starts now; a failed alert fails no record."""
+               events: tuple[Event, ...]) -> None:
+        """``run.alert`` for each rule raised now (never a clear); a failed alert fails no
+        record."""
         if not self._alerts:
             return
         for e in events:
-            rule = str(e.get("rule"))
-            if rule not in starts:
+            if e.kind != RAISED:
                 continue
-            starts.remove(rule)
             if not self._gate.allow(time.monotonic()):
                 self._warn("alerts", "wandb alerts over %d/min: %r of run %r not sent",
-                           self._gate.per_min, rule, run_id)
+                           self._gate.per_min, e.rule, run_id)
                 continue
-            sev = str(e.get("severity", "")).lower()
+            sev = e.severity.lower()
             level = "ERROR" if "crit" in sev or "err" in sev else (
                 "WARN" if "warn" in sev else "INFO")
             try:
-                state.run.alert(title=f"{rule}: {run_id}"[:63], level=level,
-                                text=f"{e.get('message', '')}\nRemedy: {e.get('remedy', '')}"
-                                     f"\nRun {run_id}, epoch {epoch}.")
+                state.run.alert(title=f"{e.rule}: {run_id}"[:63], level=level,
+                                text=f"{e.message}\nRemedy: {e.remedy}\nRun {run_id}, "
+                                     f"epoch {epoch}.")
                 self._count("alerts")
             except Exception:
                 self._warn("alert", "wandb alert for run %r failed", run_id, exc=True)

@@ -1,0 +1,194 @@
+"""The collector's output: one typed record per thing it knows, the same for every sink.
+
+Every view (JSONL, wandb, the console, the HTML report, the live board) reads these, live
+and in replay alike, so a sink cannot misread what an event means::
+
+    EpochRecord(run="job-17", epoch=3, metrics={"train/total_loss": 0.4, ...},
+                events=(Event("exploding_gradients", RAISED, "critical", "...", "..."),),
+                raised=("exploding_gradients",), ranks=(0, 1), missing=())
+
+``metrics`` holds the guide's per-epoch metrics under their exact names and a flag for
+every rule and diagnosis the run has judged (``health/<rule>``, ``diagnosis/<id>``: 1 while
+raised, 0 otherwise), so a flag reads the collector's state at every epoch, not only where
+it changed. ``events`` are the changes this epoch: a rule raised or cleared. ``json()``
+gives each record's one JSON form (what the JSONL holds and the report reads).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["CLEARED", "RAISED", "ConfigRecord", "DataStatsRecord", "EpochRecord", "Event",
+           "EventRecord", "Record", "RunRecord", "SummaryRecord", "plain"]
+
+RAISED = "raised"
+CLEARED = "cleared"
+Metrics = dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """A rule or diagnosis (``diagnosis/<id>``) that was raised or cleared."""
+
+    rule: str
+    kind: str  # RAISED or CLEARED
+    severity: str  # the rule's severity when raised; "info" when cleared
+    message: str
+    remedy: str = ""
+
+    def json(self) -> dict[str, str]:
+        return {"rule": self.rule, "kind": self.kind, "severity": self.severity,
+                "message": self.message, "remedy": self.remedy}
+
+
+def _events(events: tuple[Event, ...]) -> list[dict[str, str]]:
+    return [e.json() for e in events]
+
+
+@dataclass(frozen=True, slots=True)
+class RunRecord:
+    """A run's first message arrived: its world size and the launcher's WANDB_* variables."""
+
+    run: str
+    world_size: int
+    env: dict[str, str] = field(default_factory=dict)
+
+    def json(self) -> dict[str, Any]:
+        return {"type": "run", "run": self.run, "epoch": None,
+                "metrics": {"world_size": self.world_size}, "events": [], "env": dict(self.env)}
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigRecord:
+    """The run's hyperparameters (the guide's section 1), plain values only."""
+
+    run: str
+    config: Metrics
+
+    def json(self) -> dict[str, Any]:
+        return {"type": "config", "run": self.run, "epoch": None, "metrics": dict(self.config),
+                "events": []}
+
+
+@dataclass(frozen=True, slots=True)
+class DataStatsRecord:
+    """The training data's baseline (the guide's section 2), once every chunk arrived."""
+
+    run: str
+    metrics: Metrics
+
+    def json(self) -> dict[str, Any]:
+        return {"type": "data_stats", "run": self.run, "epoch": None,
+                "metrics": dict(self.metrics), "events": []}
+
+
+@dataclass(frozen=True, slots=True)
+class EpochRecord:
+    """One closed epoch of a run: every metric, every flag, what changed, who reported.
+
+    ``amends`` is True for a record that adds to an epoch already written (validation
+    samples that arrived after the epoch closed): its metrics are that epoch's too.
+    """
+
+    run: str
+    epoch: int
+    metrics: Metrics
+    events: tuple[Event, ...] = ()
+    raised: tuple[str, ...] = ()  # rules and diagnoses raised at the end of this epoch
+    ranks: tuple[int, ...] = ()
+    missing: tuple[int, ...] = ()
+    amends: bool = False
+
+    def json(self) -> dict[str, Any]:
+        out = {"type": "epoch", "run": self.run, "epoch": self.epoch,
+               "metrics": dict(self.metrics), "events": _events(self.events),
+               "raised": list(self.raised), "ranks": list(self.ranks),
+               "missing_ranks": list(self.missing)}
+        if self.amends:
+            out["amends"] = True
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class EventRecord:
+    """Events between epochs (a non-finite step raises its rule at once)."""
+
+    run: str
+    epoch: int
+    step: int
+    rank: int
+    events: tuple[Event, ...]
+
+    def json(self) -> dict[str, Any]:
+        return {"type": "event", "run": self.run, "epoch": self.epoch, "step": self.step,
+                "rank": self.rank, "metrics": {}, "events": _events(self.events)}
+
+
+@dataclass(frozen=True, slots=True)
+class SummaryRecord:
+    """A run ended: the sweep's comparison figures and its loss accounting.
+
+    ``epoch`` is the last epoch closed (None when none was); ``ended`` says how.
+    """
+
+    run: str
+    epoch: int | None
+    metrics: Metrics
+    ended: str = "finished"
+
+    def json(self) -> dict[str, Any]:
+        return {"type": "summary", "run": self.run, "epoch": self.epoch,
+                "metrics": dict(self.metrics), "events": [], "ended": self.ended}
+
+
+Record = RunRecord | ConfigRecord | DataStatsRecord | EpochRecord | EventRecord | SummaryRecord
+
+MAX_DEPTH = 8  # nesting kept in a config value; deeper levels become a marker string
+MAX_ITEMS = 1000  # entries kept per list or map
+MAX_STR = 4096  # characters kept per string
+
+
+def plain(v: Any, depth: int = 0) -> Any:
+    """A value every sink can serialise: finite floats, ints, bools, short strings, lists,
+    string-keyed maps; anything else (bytes, timestamps, deep nesting) made plain with a
+    marker, so an accepted message reaches every sink and replay agrees with live."""
+    if v is None or isinstance(v, bool | int | str):
+        if isinstance(v, str) and len(v) > MAX_STR:
+            return v[:MAX_STR] + f"...[{len(v) - MAX_STR} more chars]"
+        if isinstance(v, int) and not isinstance(v, bool) and abs(v) >= 1 << 63:
+            return str(v)
+        return v
+    if isinstance(v, float):
+        return v if math.isfinite(v) else None
+    if isinstance(v, bytes | bytearray | memoryview):
+        return plain(bytes(v).hex())
+    if isinstance(v, dict | list | tuple):
+        if depth >= MAX_DEPTH:
+            return f"[nested deeper than {MAX_DEPTH} levels]"
+        items = list(v.items()) if isinstance(v, dict) else list(v)
+        cut = len(items) - MAX_ITEMS
+        items = items[:MAX_ITEMS]
+        if isinstance(v, dict):
+            out: Any = {plain_key(k): plain(x, depth + 1) for k, x in items}
+            if cut > 0:
+                out["..."] = f"[{cut} more entries]"
+            return out
+        out = [plain(x, depth + 1) for x in items]
+        if cut > 0:
+            out.append(f"[{cut} more items]")
+        return out
+    if hasattr(v, "item") and callable(v.item):  # a numpy scalar
+        try:
+            return plain(v.item(), depth)
+        except (TypeError, ValueError):
+            pass
+    return plain(str(v), depth)
+
+
+def plain_key(k: Any) -> str:
+    if isinstance(k, bytes | bytearray | memoryview):
+        return bytes(k).hex()
+    s = k if isinstance(k, str) else str(k)
+    return s if len(s) <= MAX_STR else s[:MAX_STR] + "..."
