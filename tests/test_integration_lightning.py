@@ -28,6 +28,7 @@ from workers.integration_util import (
 
 from collector.wandb_readback import find_offline_runs, read_offline_run
 from trainer_client import TrainerClient, reductions, wire
+from trainer_client.integrations._common import make_client
 from trainer_client.integrations.lightning import TrainwatchCallback
 
 EPOCHS = 3
@@ -56,7 +57,7 @@ class Recorder(L.LightningModule):
         mse = nn.functional.mse_loss(out, y)
         l1 = (out - y).abs().mean()
         loss = mse + 0.5 * l1
-        self.micro.append([float(loss), float(mse), float(l1)])
+        self.micro.append([float(v.detach()) for v in (loss, mse, l1)])
         return {"loss": loss, "mse": mse, "l1": l1} if self.hparams.dict_output else loss
 
     def on_before_optimizer_step(self, optimizer):
@@ -221,15 +222,27 @@ def accumulated(tmp_path_factory):
     col = CollectorProc(tmp, f"ipc://{tmp}/c.sock", "--once", "--quiet", "1").start()
     x, y = _data(56, seed=1)  # 7 batches: 3 steps of 2 micro-batches, then 1 of one
     module = Recorder(dict_output=False)
-    _trainer([TrainwatchCallback(endpoint=col.endpoint)], epochs=2,
-             accumulate_grad_batches=2).fit(module, _loader(x, y))
+    cb = TrainwatchCallback(endpoint=col.endpoint, data="train_targets",
+                            channel_names=["a", "b", "c"])
+    _trainer([cb], epochs=2, accumulate_grad_batches=2).fit(module, datamodule=Data(x, y))
     assert col.wait(60) == 0, col.log.read_text()[-3000:]
-    return col, module
+    return col, module, y
+
+
+class Data(L.LightningDataModule):
+    def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        super().__init__()
+        self.x, self.train_targets = x, y
+
+    def train_dataloader(self):
+        return _loader(self.x, self.train_targets)
 
 
 def test_accumulated_micro_batches_make_one_step(accumulated, fit):
-    col, module = accumulated
+    col, module, y = accumulated
     recs = col.records()
+    ds = next(r for r in recs if r["type"] == "data_stats")["metrics"]  # from the datamodule
+    assert ds["data_stats/c_std"] == pytest.approx(float(y[:, 2].std(correction=0)), rel=REL)
     assert [s["micro"] for s in module.steps[:4]] == [2, 4, 6, 7]
     epochs = [r for r in recs if r["type"] == "epoch"]
     assert len(epochs) == 2
@@ -244,6 +257,35 @@ def test_accumulated_micro_batches_make_one_step(accumulated, fit):
     run = next(r for r in recs if r["type"] == "run")["run"]
     first = next(r for r in fit[0].records() if r["type"] == "run")["run"]
     assert run != first and run.startswith("lightning-")  # two fits, two runs
+
+
+def test_one_callback_fitting_twice_sends_two_runs(tmp_path):
+    col = CollectorProc(tmp_path, f"ipc://{tmp_path}/c.sock", "--quiet", "1").start()
+    cb = TrainwatchCallback(endpoint=col.endpoint)
+    x, y = _data(16)
+    for _ in range(2):
+        _trainer([cb], epochs=1).fit(Recorder(), _loader(x, y))
+    col.stop()
+    runs = [r["run"] for r in col.records() if r["type"] == "run"]
+    assert len(runs) == 2 and runs[1] == runs[0] + "-fit2"
+    assert len([r for r in col.records() if r["type"] == "epoch"]) == 2
+
+
+def test_bad_configuration_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="channel_names"):
+        TrainwatchCallback(data=torch.zeros(4, 3))
+    with pytest.raises(TypeError, match="method name"):
+        TrainwatchCallback(samples=3)
+    with pytest.raises(ValueError, match="single-process"):
+        make_client(None, "r", 0, 2, tmp_path)
+    x, y = _data(16)
+    for kw, msg in (({"samples": "no_such_method"}, "has no such method"),
+                    ({"ema": "net"}, "not an EMA copy"), ({"ema": "hparams"}, "not an nn.Module"),
+                    ({"data": "train_targets"}, "no datamodule")):
+        cb = TrainwatchCallback(endpoint=f"ipc://{tmp_path}/none.sock",
+                                channel_names=["a", "b", "c"], **kw)
+        with pytest.raises(ValueError, match=msg):
+            _trainer([cb], epochs=1).fit(Recorder(), _loader(x, y))
 
 
 # -- no host sync ------------------------------------------------------------------------

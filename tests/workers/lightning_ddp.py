@@ -30,7 +30,7 @@ class Net(L.LightningModule):
     def training_step(self, batch, batch_idx):
         x, y = batch
         loss = nn.functional.mse_loss(self.net(x), y)
-        self.loss.setdefault(self.current_epoch + 1, []).append(float(loss))
+        self.loss.setdefault(self.current_epoch + 1, []).append(float(loss.detach()))
         return loss
 
     def on_before_optimizer_step(self, optimizer):

@@ -36,14 +36,20 @@ def job_key() -> str | None:
     n = next(_callbacks)
     pid, _, base = os.environ.get(_JOB_ENV, "").partition(":")
     local_rank = os.environ.get("LOCAL_RANK")
+    if base and pid == str(os.getpid()):
+        return f"{base}-{n}"  # ours (a launcher sets LOCAL_RANK=0 here after the first fit)
     if base and pid == str(os.getppid()) and local_rank not in (None, "0"):
         return f"{base}-{n}"  # a rank Lightning started: its parent's base
     if local_rank is not None:
         return None
-    if pid != str(os.getpid()):
-        base = f"{socket.gethostname()}-{os.getpid()}-{int(time.time())}"
-        os.environ[_JOB_ENV] = f"{os.getpid()}:{base}"
+    base = f"{socket.gethostname()}-{os.getpid()}-{int(time.time())}"
+    os.environ[_JOB_ENV] = f"{os.getpid()}:{base}"
     return f"{base}-{n}"
+
+
+def fit_run(job: str, fits: int) -> str:
+    """The run of a callback's ``fits``-th fit: a callback used twice sends two runs."""
+    return job if fits == 1 else f"{job}-fit{fits}"
 
 
 def make_client(endpoint: str | None, run: str, rank: int, world_size: int,

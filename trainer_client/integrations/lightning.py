@@ -45,6 +45,7 @@ from ._common import (
     check_channels,
     current_lr,
     ema_prefix,
+    fit_run,
     job_key,
     make_client,
     scalar_terms,
@@ -92,6 +93,7 @@ class TrainwatchCallback(pl.Callback):
         self.data, self.data_mean, self.data_std = data, data_mean, data_std
         self.samples, self.samples_every, self.ema = samples, int(samples_every), ema
         self._job = job_key()  # here: the constructor runs before Lightning launches ranks
+        self._fits = 0
         self.client: TrainerClient | None = None
         self._buf = StepBuffer()
         self._stepped = False
@@ -101,18 +103,9 @@ class TrainwatchCallback(pl.Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        self._close()
         self._sampler = self._resolve_samples(pl_module)
-        ema = self._ema_module(pl_module)
-        skip = {id(p) for p in ema.parameters()} if ema is not None else set()
-        named = [(n, p) for n, p in reductions.named_params(pl_module) if id(p) not in skip]
-        self._model = ParamView(named)  # the model proper: not its EMA copy
-        self._names = [n for n, _ in named]
-        self._num_params = sum(p.numel() for p in pl_module.parameters() if id(p) not in skip)
-        self._ema_src: nn.Module | None = None
-        self._ema_view: ParamView | None = None
-        self._norms = GradNorms(named)
-        self._buf.clear()
-        self._stepped, self._lr = False, None
+        self._fits += 1
         self.client = make_client(self.endpoint, self._run_id(trainer), trainer.global_rank,
                                   trainer.world_size, self.local_collector)
 
@@ -125,7 +118,8 @@ class TrainwatchCallback(pl.Callback):
             # torchrun, SLURM, MPI ... started the ranks, or several nodes: the launcher's
             # ids (TORCHELASTIC_RUN_ID, SLURM_JOB_ID, MASTER_ADDR/PORT).
             return identity.resolve_run(None)
-        return f"lightning-{self._job}"  # one process, or ranks Lightning itself started
+        # one process, or ranks Lightning itself started
+        return fit_run(f"lightning-{self._job}", self._fits)
 
     def _resolve_samples(self, pl_module: pl.LightningModule) -> Callable[[], Any] | None:
         if self.samples is None:
@@ -150,7 +144,25 @@ class TrainwatchCallback(pl.Callback):
 
     # -- start -------------------------------------------------------------------------
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.client is None or trainer.global_rank != 0:
+        # Here, not in setup: configure_model() may build layers (and the EMA) after it.
+        if self.client is None:
+            return
+        ema = self._ema_module(pl_module)
+        skip = {id(p) for p in ema.parameters()} if ema is not None else set()
+        named = [(n, p) for n, p in reductions.named_params(pl_module) if id(p) not in skip]
+        if ema is not None and not named:
+            raise ValueError(f"TrainwatchCallback(ema={self.ema!r}): {type(pl_module).__name__}"
+                             f".{self.ema} holds all the trainable parameters: it is the "
+                             "model, not an EMA copy of it")
+        self._model = ParamView(named) if named else None  # the model proper, not its EMA
+        self._names = [n for n, _ in named]
+        self._num_params = sum(p.numel() for p in pl_module.parameters() if id(p) not in skip)
+        self._ema_src: nn.Module | None = None
+        self._ema_view: ParamView | None = None
+        self._norms = GradNorms(named)
+        self._buf.clear()
+        self._stepped, self._lr = False, None
+        if trainer.global_rank != 0:
             return
         self.client.log_config(self._config(trainer, pl_module))
         if self.data is not None:
@@ -245,7 +257,8 @@ class TrainwatchCallback(pl.Callback):
                 self.client.log_validation(epoch, samples, self.channel_names)
             except (TypeError, ValueError) as exc:
                 _log.error("trainwatch: samples of epoch %d not sent: %s", epoch, exc)
-        self.client.log_epoch(epoch, model=self._model, ema_model=self._ema(pl_module))
+        ema = self._ema(pl_module) if self._model is not None else None
+        self.client.log_epoch(epoch, model=self._model, ema_model=ema)
 
     def _ema(self, pl_module: pl.LightningModule) -> ParamView | None:
         """The EMA copy under the model's parameter names (rebuilt if it was replaced)."""

@@ -39,7 +39,15 @@ from transformers import Trainer, TrainerCallback
 
 from .. import identity, reductions
 from ..client import TrainerClient
-from ._common import StepBuffer, call_samples, check_channels, current_lr, job_key, make_client
+from ._common import (
+    StepBuffer,
+    call_samples,
+    check_channels,
+    current_lr,
+    fit_run,
+    job_key,
+    make_client,
+)
 
 __all__ = ["TrainwatchCallback"]
 
@@ -77,6 +85,7 @@ class TrainwatchCallback(TrainerCallback):
         self.data, self.data_mean, self.data_std = data, data_mean, data_std
         self.samples, self.samples_every, self.ema_model = samples, int(samples_every), ema_model
         self._job = job_key()
+        self._fits = 0
         self.client: TrainerClient | None = None
         self._trainer: Trainer | None = None
         self._buf = StepBuffer()
@@ -101,6 +110,7 @@ class TrainwatchCallback(TrainerCallback):
         self._params = reductions.named_params(reductions.unwrap(model))
         self._epoch = int(state.epoch or 0)  # epochs done (a resumed run starts later)
         self._reset_step()
+        self._fits += 1
         run = self._run_id(args.world_size)
         self.client = make_client(self.endpoint, run, args.process_index, args.world_size,
                                   self.local_collector)
@@ -113,7 +123,7 @@ class TrainwatchCallback(TrainerCallback):
     def _run_id(self, world_size: int) -> str:
         if self.run or os.environ.get("TRAINWATCH_RUN") or world_size > 1 or self._job is None:
             return identity.resolve_run(self.run)  # several ranks: the launcher's ids
-        return f"hf-{self._job}"
+        return fit_run(f"hf-{self._job}", self._fits)
 
     def _attach(self, trainer: Trainer) -> None:
         """Observe the Trainer's ``training_step`` and its accelerator's
