@@ -104,6 +104,7 @@ class TrainerClient:
         self._epoch = 0  # the epoch that steps now belong to (last logged + 1)
         self._step = 0
         self._params: dict[int, list[tuple[str, torch.Tensor]]] = {}
+        self._pn_names: list[str] | None = None  # of the last grad_norms= given to log_step
         self._sender = Sender(self.endpoint, self.run, self.rank, self.world_size,
                               random.getrandbits(32), max_queue=max_queue,
                               max_queue_bytes=max_queue_bytes, curve=curve,
@@ -162,19 +163,24 @@ class TrainerClient:
                  components: Mapping[str, torch.Tensor | float] | None = None,
                  model: nn.Module | None = None,
                  grad_norm: torch.Tensor | float | None = None,
-                 lr: torch.Tensor | float | None = None) -> None:
+                 lr: torch.Tensor | float | None = None,
+                 grad_norms: tuple[list[str], torch.Tensor] | None = None) -> None:
         """One optimisation step, after backward: loss, loss terms, gradient norms.
 
         The global gradient L2 norm is ``grad_norm`` when given (e.g. what
         ``clip_grad_norm_`` returned), else computed on the device from ``model``'s
         gradients. With a model, the per-parameter gradient norms travel too. ``lr`` is
         the optimizer's current rate (e.g. ``scheduler.get_last_lr()[0]``), so remedies
-        quote the rate the run really had.
+        quote the rate the run really had. ``grad_norms``: per-parameter norms taken
+        earlier (``reductions.grad_norms(params)``, e.g. before ``zero_grad``), used
+        instead of ``model``'s gradients.
         """
         if self._closed:
             self._after_close += 1
             return
-        if model is None and not getattr(loss, "is_cuda", False):
+        if grad_norms is not None:
+            self._pn_names = grad_norms[0]
+        if model is None and grad_norms is None and not getattr(loss, "is_cuda", False):
             # Nothing on a device: the values already live in host memory. Queue the
             # references and let the sender thread sort and read them; right after a
             # backward pass every Python line here costs ~10x (cold caches).
@@ -201,7 +207,9 @@ class TrainerClient:
                 else:
                     f_names.append(str(name))
                     f_vals.append(float(value))
-        pn = reductions.grad_norms(self._params_of(model)) if model is not None else None
+        pn = grad_norms
+        if pn is None and model is not None:
+            pn = reductions.grad_norms(self._params_of(model))
         gn_float: float | None = None
         has_gn = isinstance(grad_norm, tensor)
         if has_gn:
@@ -251,7 +259,9 @@ class TrainerClient:
         host = event = None
         if model is not None:
             params = self._params_of(model)
-            names = [n for n, p in params if p.grad is not None] or None
+            # After zero_grad(set_to_none) no gradient is left: the names of the norms
+            # that steps shipped via grad_norms= then label them.
+            names = [n for n, p in params if p.grad is not None] or self._pn_names
             vec = reductions.weight_summary(params)
             if ema_model is not None:
                 ema = reductions.named_params(reductions.unwrap(ema_model),
