@@ -264,7 +264,7 @@ def main() -> int:
     results.update(bench_kernels())
     results["machine"] = {"cpus": os.cpu_count(), "python": sys.version.split()[0]}
     Path("bench-results.json").write_text(json.dumps(results, indent=2, sort_keys=True))
-    print(f"\n{'figure':<28} {'value':>14}  target")
+    print(f"\n{'figure':<40} {'value':>14}  target")
     for k, v in sorted(results.items()):
         if isinstance(v, float):
             t = TARGETS.get(k)
@@ -272,7 +272,7 @@ def main() -> int:
             if t:
                 ok = v <= t[1] if t[0] == "<=" else v >= t[1]
                 mark = f"{t[0]} {t[1]:g}  {'ok' if ok else 'MISSED'}"
-            print(f"{k:<28} {v:>14.6g}  {mark}")
+            print(f"{k:<40} {v:>14.6g}  {mark}")
     print("\nwrote bench-results.json")
     return 0
 
