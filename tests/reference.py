@@ -1,7 +1,7 @@
 """Plain numpy (and math.fsum) reference implementations of every statistic trainwatch computes.
 
 Slow and obvious on purpose: several passes, boolean masks, exactly rounded sums. The
-kernel tests hold ``collector.kernels``, ``collector.datastats`` and ``collector.stats`` equal
+kernel tests hold ``collector.analysis.kernels``, ``.datastats`` and ``.stats`` equal
 to these.
 """
 

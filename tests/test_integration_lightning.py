@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 import zmq
+from collector.wandb_readback import find_offline_runs, read_offline_run
 from conftest import ROOT, CollectorProc, env
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
@@ -26,7 +27,6 @@ from workers.integration_util import (
     tensor,
 )
 
-from collector.wandb_readback import find_offline_runs, read_offline_run
 from trainer_client import TrainerClient, reductions, wire
 from trainer_client.integrations._common import make_client
 from trainer_client.integrations.lightning import TrainwatchCallback

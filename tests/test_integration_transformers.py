@@ -9,6 +9,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from collector.wandb_readback import find_offline_runs, read_offline_run
 from conftest import CollectorProc, env
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments
@@ -22,7 +23,6 @@ from workers.integration_util import (
     tensor,
 )
 
-from collector.wandb_readback import find_offline_runs, read_offline_run
 from trainer_client import wire
 from trainer_client.integrations.transformers import TrainwatchCallback
 

@@ -202,3 +202,15 @@ def test_epoch_stats_equal_reference(inp):
     for key, w in want.items():
         assert got[key] == pytest.approx(w, rel=1e-9, abs=1e-9), key
         assert type(got[key]) in (float, int), key
+
+
+@pytest.mark.parametrize("offset", [1e4, 1e8])
+def test_moments_keep_their_precision_far_from_zero(offset):
+    """The block sums may be reassociated (vector lanes); the shift by the block's first
+    value must survive that, or M2 of values far from zero would cancel catastrophically."""
+    x = offset + np.random.default_rng(11).standard_normal(300_000)
+    n, mean, m2, lo, hi, bad = moments_1d(x)
+    want = ref.moments(x)
+    assert (n, lo, hi, bad) == (want[0], want[3], want[4], want[5])
+    assert m2 == pytest.approx(want[2], rel=1e-9)
+    assert mean == pytest.approx(want[1], rel=1e-15)

@@ -3,8 +3,9 @@
 Every kernel is a pure function over numpy arrays. Values are widened to float64 inside the
 kernel, non-finite values (NaN, +-Inf) are counted and kept out of the moments, and the
 moments are accumulated as (count, mean, M2) so that chunks, channels and ranks merge
-exactly with Chan's formula. No fastmath: its no-NaN/no-Inf assumptions would erase the
-finiteness checks.
+exactly with Chan's formula. No blanket fastmath: its no-NaN/no-Inf assumptions would
+erase the finiteness checks. Two narrow flags only: the block sums may be reassociated
+(vector lanes), and the extremes of a block already known finite are taken as such.
 
     raw = as_kernel_input(chunk, "bfloat16")
     n, mean, m2, lo, hi, bad = moments_1d(raw.reshape(-1))
@@ -23,6 +24,7 @@ from __future__ import annotations
 import numpy as np
 from llvmlite import ir
 from numba import njit, types
+from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
 from trainer_client.wire import FLOAT_DTYPES
@@ -121,63 +123,78 @@ def merge_moments(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
     return n, mean, m2
 
 
+def _finite_extreme(name):
+    """llvm.minnum/maxnum on float64, flagged nnan+nsz: LLVM vectorises a reduction of these
+    (it does not vectorise a compare-and-select one without fastmath on the whole function).
+    Only for values known finite, where the flags are true; +-0 compare equal."""
+
+    @intrinsic
+    def extreme(typingctx, a, b):
+        sig = types.float64(types.float64, types.float64)
+
+        def codegen(context, builder, signature, args):
+            f64 = ir.DoubleType()
+            fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(f64, [f64, f64]),
+                                                f"llvm.{name}.f64")
+            return builder.call(fn, args, fastmath=("nnan", "nsz"))
+
+        return sig, codegen
+
+    return extreme
+
+
+_finite_min = _finite_extreme("minnum")
+_finite_max = _finite_extreme("maxnum")
+
+
+@njit(cache=True, fastmath={"reassoc"})
+def _shifted_sums(x, start, stop, shift):
+    """sum(d), sum(d^2) with d = x[j] - shift over x[start:stop].
+
+    reassoc (and nothing else: NaN/Inf still propagate) lets LLVM keep the sums in vector
+    lanes; the unsigned index drops numba's negative-index wraparound, which otherwise
+    turns every load into a gather.
+    """
+    s = 0.0
+    q = 0.0
+    for j in range(np.uint64(start), np.uint64(stop)):
+        d = _widen(x[j]) - shift
+        s += d
+        q += d * d
+    return s, q
+
+
+@njit(cache=True)
+def _finite_extremes(x, start, stop):
+    """(min, max) of x[start:stop], whose values are all finite (vectorised)."""
+    lo = np.inf
+    hi = -np.inf
+    for j in range(np.uint64(start), np.uint64(stop)):
+        v = _widen(x[j])
+        lo = _finite_min(lo, v)
+        hi = _finite_max(hi, v)
+    return lo, hi
+
+
 @njit(cache=True)
 def _block_shifted(x, start, stop):
-    """One read of x[start:stop]: moments shifted by the block's first value.
+    """Moments of x[start:stop] shifted by the block's first value: two vectorised reads.
 
     M2 = sum(d^2) - sum(d)^2/k with d = v - x[start] loses at most ~k ulps (a data point is
     within sqrt(k) std of the mean), negligible for k = 1024; the mean is good to about an
     ulp of the block's largest |value|, as a plain sum would be. The first returned value is
     False when a sum is not finite: the block holds NaN/Inf (or overflows) and must take the
-    exact path instead, so no per-element finiteness branch is needed here.
+    exact path instead, so no per-element finiteness branch is needed. Finite sums mean
+    every value is finite, so the extremes pass (re-reading the block from L1) may assume it.
+    Both loops run at memory speed; a scalar loop here was bound by the core's execution
+    throughput, so anything sharing the core slowed it (see benchmarks/bench_kernels.py).
     """
     shift = _widen(x[start])
-    s0 = s1 = s2 = s3 = 0.0
-    q0 = q1 = q2 = q3 = 0.0
-    lo0 = lo1 = lo2 = lo3 = np.inf
-    hi0 = hi1 = hi2 = hi3 = -np.inf
-    j = start
-    while j + 4 <= stop:
-        va = _widen(x[j])
-        vb = _widen(x[j + 1])
-        vc = _widen(x[j + 2])
-        vd = _widen(x[j + 3])
-        lo0 = va if va < lo0 else lo0  # extremes of the values themselves: exact
-        lo1 = vb if vb < lo1 else lo1
-        lo2 = vc if vc < lo2 else lo2
-        lo3 = vd if vd < lo3 else lo3
-        hi0 = va if va > hi0 else hi0
-        hi1 = vb if vb > hi1 else hi1
-        hi2 = vc if vc > hi2 else hi2
-        hi3 = vd if vd > hi3 else hi3
-        a = va - shift
-        b = vb - shift
-        c = vc - shift
-        d = vd - shift
-        s0 += a
-        s1 += b
-        s2 += c
-        s3 += d
-        q0 += a * a
-        q1 += b * b
-        q2 += c * c
-        q3 += d * d
-        j += 4
-    while j < stop:
-        va = _widen(x[j])
-        lo0 = va if va < lo0 else lo0
-        hi0 = va if va > hi0 else hi0
-        a = va - shift
-        s0 += a
-        q0 += a * a
-        j += 1
-    k = stop - start
-    s = (s0 + s1) + (s2 + s3)
-    q = (q0 + q1) + (q2 + q3)
+    s, q = _shifted_sums(x, start, stop, shift)
     if not (s - s == 0.0 and q - q == 0.0):
         return False, 0.0, 0.0, 0.0, 0.0
-    lo = min(min(lo0, lo1), min(lo2, lo3))
-    hi = max(max(hi0, hi1), max(hi2, hi3))
+    lo, hi = _finite_extremes(x, start, stop)
+    k = stop - start
     return True, shift + s / k, max(q - s * s / k, 0.0), lo, hi
 
 
