@@ -27,25 +27,32 @@ if TYPE_CHECKING:
 __all__ = ["main"]
 
 
-def _sinks(args: argparse.Namespace, profile: Profile, default_wandb: str | None,
-           replaying: bool = False) -> list[Sink]:
-    from collector.sinks.console import EventLogSink
-
-    sinks: list[Sink] = [EventLogSink()]
+def _outputs(args: argparse.Namespace, profile: Profile, default_wandb: str | None,
+             replaying: bool = False, resume: bool = False) -> list[Sink]:
+    """The JSONL and wandb sinks the arguments ask for; ``resume``: they continue an earlier
+    session's outputs (each record once) as its recording is rebuilt."""
+    sinks: list[Sink] = []
     if getattr(args, "jsonl", None):
         from collector.sinks.jsonl import JsonlSink
 
-        sinks.append(JsonlSink(args.jsonl))
+        sinks.append(JsonlSink(args.jsonl, resume=resume))
     mode = args.wandb_mode or default_wandb
     if mode != "disabled":
         from collector.sinks.wandb_sink import WandbSink
 
         sinks.append(WandbSink(project=args.wandb_project, entity=args.wandb_entity,
                                group=args.wandb_group, mode=mode, dir=args.wandb_dir,
-                               thresholds=profile.thresholds,
+                               thresholds=profile.thresholds, resume=resume,
                                # a replay outruns wandb's start-up: wait, never drop
-                               block_when_full=replaying))
+                               block_when_full=replaying or resume))
     return sinks
+
+
+def _sinks(args: argparse.Namespace, profile: Profile, default_wandb: str | None,
+           replaying: bool = False) -> list[Sink]:
+    from collector.sinks.console import EventLogSink
+
+    return [EventLogSink(), *_outputs(args, profile, default_wandb, replaying)]
 
 
 def _profile(args: argparse.Namespace) -> Profile:
@@ -63,18 +70,21 @@ def cmd_collect(args: argparse.Namespace) -> int:
     from collector.ingest.server import Collector, check_binds
     from collector.recording.writer import NullRecorder, RecordWriter
     from collector.report.liveview import NullView, make_view
+    from collector.sinks.console import EventLogSink
 
     check_binds(args.bind, bool(args.curve_keys), args.insecure)
     profile = _profile(args)
-    pipe = Pipeline(profile, FanOut(_sinks(args, profile, None)),
+    earlier = Path(args.record) if args.record else None
+    resume = earlier is not None and earlier.exists() and earlier.stat().st_size > 0
+    outputs = _outputs(args, profile, None, resume=resume)
+    pipe = Pipeline(profile, FanOut([EventLogSink(), *outputs]),
                     recorder=RecordWriter(args.record) if args.record else NullRecorder(),
                     epoch_timeout_s=args.epoch_timeout)
-    if args.record:
-        path = Path(args.record)
-        if path.exists() and path.stat().st_size > 0:
-            n = pipe.rebuild(path)
-            logging.getLogger("trainwatch.collector").info(
-                "continuing %s: state rebuilt from %d records", path, n)
+    if resume:
+        # The outputs continue where the earlier session left them: each record once.
+        n = pipe.rebuild(earlier, FanOut(outputs))
+        logging.getLogger("trainwatch.collector").info(
+            "continuing %s: state and outputs rebuilt from %d records", earlier, n)
     view = NullView() if args.no_view else make_view(sys.stdout)
     collector = Collector(args.bind, pipe, curve_keys=args.curve_keys, once=args.once,
                           quiet_s=args.quiet, view=view, max_msg_bytes=args.max_msg_mb << 20)

@@ -312,17 +312,26 @@ class Pipeline:
                     self._replay_control(frames_of(raw, int(c.body[k]), int(c.n_frames[k]),
                                                    int(c.first[k])), st)
                 a = k + 1
+            self.sink.flush()
         return st
 
-    def rebuild(self, path: str | Path) -> int:
+    def rebuild(self, path: str | Path, history: Sink | None = None) -> int:
         """Bring the state back from an earlier session's recording: nothing is recorded
-        again and nothing reaches the sink. Returns the records read."""
+        again, and the records it rebuilds go to ``history`` (outputs that resume, e.g. a
+        JSONL sink that keeps what it already holds), not to the live sink. Returns the
+        records read."""
         recorder, sink = self.recorder, self.sink
-        self.recorder, self.sink = NullRecorder(), NullSink()
+        self.recorder, self.sink = NullRecorder(), history if history is not None else NullSink()
         try:
             return self.feed_recording(path).records
         finally:
+            self.sink.flush()
             self.recorder, self.sink = recorder, sink
+
+    def flush(self) -> None:
+        """The recording first, then the sinks: no output gets ahead of the durable log."""
+        self.recorder.flush()
+        self.sink.flush()
 
     def _replay_control(self, frames: list, st: ReadStats) -> None:
         try:

@@ -148,7 +148,7 @@ class Collector:
             if now >= next_tick:
                 next_tick = now + TICK_S
                 self.pipeline.tick(now)
-                self.pipeline.recorder.flush()
+                self.pipeline.flush()
                 self._tell_unrecorded()
                 self.view.update(self.status())
                 if self.once and self.pipeline.state.all_finished() \
@@ -167,7 +167,7 @@ class Collector:
             self.pipeline.feed_batch(Batch.of(batch))
             total += len(batch)
         if total:
-            self.pipeline.recorder.flush()
+            self.pipeline.flush()
         return total
 
     def _tell_unrecorded(self, final: bool = False, every_s: float = 30.0) -> None:

@@ -1,7 +1,9 @@
 """The sink contract: what every output of the collector implements.
 
 A sink takes the typed records of ``collector.records`` (the same for every sink, live and
-in replay) with ``write(record)``, and ``close(timeout_s)`` ends it within that time.
+in replay) with ``write(record)``; ``flush()`` hands what it buffered on (the pipeline
+calls it after the recording's flush, so no output gets ahead of the durable log), and
+``close(timeout_s)`` ends it within that time.
 ``NullSink`` does nothing, so callers never ask whether output is on; ``FanOut`` keeps one
 failing sink from hurting the others or the ingest loop.
 """
@@ -22,6 +24,8 @@ _log = logging.getLogger("trainwatch.sinks")
 class Sink(Protocol):
     def write(self, record: Record) -> None: ...
 
+    def flush(self) -> None: ...
+
     def close(self, timeout_s: float = 10.0) -> None: ...
 
 
@@ -29,6 +33,9 @@ class NullSink:
     """A sink that does nothing, so callers never ask whether output is on."""
 
     def write(self, record: Record) -> None:
+        pass
+
+    def flush(self) -> None:
         pass
 
     def close(self, timeout_s: float = 10.0) -> None:
@@ -50,6 +57,13 @@ class FanOut:
                 sink.write(record)
             except Exception:
                 self._failed(sink, "write")
+
+    def flush(self) -> None:
+        for sink in self.sinks:
+            try:
+                sink.flush()
+            except Exception:
+                self._failed(sink, "flush")
 
     def close(self, timeout_s: float = 10.0) -> None:
         deadline = time.monotonic() + timeout_s

@@ -25,5 +25,8 @@ class EventLogSink:
                       ", ".join(f"{k.split('/', 1)[1]}={v}"
                                 for k, v in sorted(record.metrics.items()) if v is not None))
 
+    def flush(self) -> None:
+        pass
+
     def close(self, timeout_s: float = 10.0) -> None:
         pass

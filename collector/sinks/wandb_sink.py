@@ -133,7 +133,11 @@ class WandbSink:
     ``WANDB_PROJECT``/``WANDB_ENTITY``/``WANDB_RUN_GROUP``, then the collector's own, then
     project "trainwatch". ``settings`` overrides the sink's wandb.Settings.
     ``block_when_full`` makes ``write`` wait for room instead of dropping: for uploading a
-    recording, where no training loop waits and nothing should be lost. ``alerts``
+    recording, where no training loop waits and nothing should be lost. ``resume`` (a
+    collector restarted on its recording, which rebuilds every record): each run continues
+    its wandb run by id; offline, the earlier session's run directory (possibly cut off by a
+    crash) is set aside as ``superseded-*`` and the run is written whole again, so there is
+    one readable directory per training run. ``alerts``
     (default: online only) sends ``run.alert`` when a rule is raised (never when it
     clears); an offline run would keep them in its file and send them, stale, at
     ``wandb sync``.
@@ -145,9 +149,11 @@ class WandbSink:
                  settings: Mapping[str, Any] | None = None, alerts_per_min: int = 6,
                  finish_timeout_s: float = 60.0, log_every_s: float = 10.0,
                  block_when_full: bool = False, alerts: bool | None = None,
-                 thresholds: Mapping[str, float] | None = None) -> None:
+                 thresholds: Mapping[str, float] | None = None, resume: bool = False) -> None:
         self.mode = resolve_mode(mode)
         self.thresholds = dict(thresholds or {})
+        self._resume = resume
+        self._owners: dict[str, str] = {}  # wandb run id -> the trainwatch run writing to it
         self.dir = None if dir is None else Path(dir)
         self.stats = {"written": 0, "dropped": 0, "failed": 0, "alerts": 0}
         self._project, self._entity, self._group = project, entity, group
@@ -187,6 +193,9 @@ class WandbSink:
             self._count("dropped")
             self._warn("full", "wandb queue full: %d records dropped so far",
                        self.stats["dropped"])
+
+    def flush(self) -> None:
+        """Nothing to do: the sink's thread hands records to wandb as they come."""
 
     def close(self, timeout_s: float = 10.0) -> None:
         """Process what is queued, finish open runs, return within ``timeout_s``. Idempotent."""
@@ -283,17 +292,46 @@ class WandbSink:
         if sweep_id:
             options["sweep_id"] = sweep_id  # per run; WANDB_SWEEP_ID is read once per process
         tags = [t.strip() for t in env.get("WANDB_TAGS", "").split(",") if t.strip()]
+        wid = self._wandb_id(run_id, env)
+        resume = "allow" if reopen else None
+        if self._resume and wid not in self._owners.values():
+            if self.mode == "offline":
+                self._supersede(wid)
+            else:
+                resume = "allow"
+        self._owners[wid] = run_id
         run = wandb.init(
             project=first(self._project, "WANDB_PROJECT") or "trainwatch",
             entity=first(self._entity, "WANDB_ENTITY"),
             group=pick(self._group, "WANDB_RUN_GROUP"), job_type=env.get("WANDB_JOB_TYPE"),
             notes=env.get("WANDB_NOTES"), tags=tags or None,
-            id=env.get("WANDB_RUN_ID") or wandb_run_id(run_id), name=run_id,
-            resume="allow" if reopen else None,
+            id=wid, name=run_id, resume=resume,
             dir=None if self.dir is None else str(self.dir), settings=wandb.Settings(**options))
         where = run.url if self.mode == "online" else run.dir  # offline .url only warns
         _log.info("wandb run %s (%s): %s", run_id, self.mode, where)
         return run
+
+    def _wandb_id(self, run_id: str, env: Mapping[str, str]) -> str:
+        """The launcher's WANDB_RUN_ID (a sweep agent's run), unless another trainwatch run
+        already writes to that id: then this run's own id, and a warning."""
+        wid = wandb_run_id(run_id)
+        asked = env.get("WANDB_RUN_ID")
+        if asked:
+            owner = self._owners.get(asked)
+            if owner is None or owner == run_id:
+                return asked
+            self._warn(f"id-{run_id}", "wandb: run %r asked for wandb id %r, which run %r "
+                       "writes to; it gets its own id %r", run_id, asked,
+                       owner, wid)
+        return wid
+
+    def _supersede(self, wid: str) -> None:
+        """Set an earlier session's offline directories of this run aside (renamed)."""
+        root = self.dir if self.dir is not None else Path(os.environ.get("WANDB_DIR") or ".")
+        for base in (root, root / "wandb"):
+            for d in base.glob(f"offline-run-*-{wid}"):
+                d.rename(d.with_name(f"superseded-{d.name}"))
+                _log.info("wandb: %s set aside; the run is rebuilt from the recording", d)
 
     # --- one handler per record type ----------------------------------------------------
     def _on_run(self, run_id: str, state: _Run, record: RunRecord) -> None:
