@@ -21,7 +21,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from collector.analysis.datastats import DataStatsAccumulator
-from collector.analysis.inputs import DataConstants, EpochInput, ValidationInput
+from collector.analysis.inputs import AMEND_EPOCHS, DataConstants, EpochInput, ValidationInput
 from collector.analysis.profile import Profile
 from collector.analysis.rules import RuleEngine
 from collector.analysis.stats import EpochStats, epoch_stats, validation_metrics
@@ -30,7 +30,6 @@ from collector.records import CLEARED, Event
 __all__ = ["EpochVerdict", "RunHealth"]
 
 _NONFINITE_RULE = "nonfinite"
-AMEND_EPOCHS = 8  # how many closed epochs late validation samples may still amend
 
 
 class EpochVerdict(NamedTuple):
@@ -52,6 +51,7 @@ class _Evaluated(NamedTuple):
     phase: int
     details: dict[str, str]
     published: EpochVerdict
+    validation: tuple[tuple[str, ...], int]  # the validation metrics' names, bad samples
 
 
 class RunHealth:
@@ -130,14 +130,16 @@ class RunHealth:
         before = self.engine.snapshot()
         verdict = self._judge(inp.epoch, m, values, phase, _details(st))
         self._recent.append(_Evaluated(inp.epoch, before, dict(m), values, phase,
-                                       _details(st), verdict))
+                                       _details(st), verdict,
+                                       (tuple(st.validation_keys), st.validation_bad)))
         return verdict
 
     def on_late_validation(self, epoch: int, v: ValidationInput) -> list[EpochVerdict]:
-        """Samples for a closed epoch: that epoch is judged again with them, as if they had
-        come in time, and so is every epoch after it (their rules read it). Returns what
-        changed, epoch by epoch: each verdict's events are only the changes not published
-        before. Beyond ``AMEND_EPOCHS`` epochs back, the samples are too late: []."""
+        """All of a closed epoch's samples (those it was judged with and the late ones): that
+        epoch is judged again with them, as if they had come in time, and so is every epoch
+        after it (their rules read it). Returns what changed, epoch by epoch: each verdict's
+        events are only the changes not published before. Beyond ``AMEND_EPOCHS`` epochs
+        back, the samples are too late: []."""
         at = next((i for i, e in enumerate(self._recent) if e.epoch == epoch), None)
         if at is None:
             return []
@@ -148,15 +150,20 @@ class RunHealth:
         out = []
         for i in range(at, len(self._recent)):
             ev = self._recent[i]
-            m, values = dict(ev.metrics), dict(ev.values)
-            if i == at:
+            m, values, judged_with = dict(ev.metrics), dict(ev.values), ev.validation
+            if i == at:  # the samples it was judged with give way to all of them
+                old_keys, old_bad = ev.validation
+                for k in old_keys:
+                    m.pop(k, None)
+                    values.pop(k, None)
                 m.update(metrics)
                 values.update(metrics)
-                values["facts/nonfinite"] = values.get("facts/nonfinite", 0) + bad
+                values["facts/nonfinite"] = values.get("facts/nonfinite", 0) - old_bad + bad
+                judged_with = (tuple(metrics), bad)
             before = self.engine.snapshot()
             redo = self._judge(ev.epoch, m, values, ev.phase, ev.details)
             self._recent[i] = ev._replace(before=before, metrics=m, values=values,
-                                          published=redo)
+                                          published=redo, validation=judged_with)
             changed = _changes(ev.published, redo)
             if i == at or changed.events or changed.raised != ev.published.raised:
                 out.append(changed)

@@ -13,6 +13,10 @@ import numpy as np
 
 from trainer_client import wire
 
+# How many closed epochs late validation samples may still amend: the state keeps that
+# many epochs' samples to pool a late rank's with, the health that many epochs' rule states.
+AMEND_EPOCHS = 8
+
 # How each float dtype of the wire is held raw (numpy has no bfloat16: its bit pattern).
 RAW_DTYPES = dict(zip(wire.FLOAT_DTYPES, (np.float16, np.uint16, np.float32, np.float64),
                       strict=True))

@@ -37,6 +37,8 @@ class EpochStats:
     desync: dict[int, list[str]] = field(default_factory=dict)  # rank -> what differed
     largest_params: list[tuple[str, float]] = field(default_factory=list)
     smallest_params: list[tuple[str, float]] = field(default_factory=list)
+    validation_keys: list[str] = field(default_factory=list)  # the validation metrics
+    validation_bad: int = 0  # non-finite generated values
 
     @property
     def nonfinite_total(self) -> int:
@@ -265,4 +267,5 @@ def epoch_stats(inp: EpochInput, consts: DataConstants | None, profile: Profile)
         metrics, bad = validation_metrics(inp.validation, consts, profile)
         st.metrics.update(metrics)
         st.count_nonfinite("validation samples", bad)
+        st.validation_keys, st.validation_bad = list(metrics), bad
     return st

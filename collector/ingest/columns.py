@@ -92,6 +92,9 @@ class StepColumns:
             o = int(s.pn_at[rows[k], AT])
             self.pnorms[row0 + k] = buf[o:o + 4 * int(width[k])].tobytes()
 
+    def rows(self) -> int:
+        return self.sealed + len(self.loss)
+
     def series(self) -> StepSeries:
         self._seal()
         n = self.sealed

@@ -20,7 +20,13 @@ from typing import NamedTuple
 
 import numpy as np
 
-from collector.analysis.inputs import DataConstants, EpochInput, ValidationInput, raw_array
+from collector.analysis.inputs import (
+    AMEND_EPOCHS,
+    DataConstants,
+    EpochInput,
+    ValidationInput,
+    raw_array,
+)
 from collector.ingest.columns import StepColumns
 from collector.ingest.counters import RankCounters
 from collector.ingest.facts import (
@@ -41,7 +47,7 @@ __all__ = ["RankState", "RunState", "State", "Stream"]
 
 
 class RankState:
-    __slots__ = ("counters", "open_steps", "last_epoch", "finished", "host", "rank")
+    __slots__ = ("counters", "open_steps", "last_epoch", "finished", "ended", "host", "rank")
 
     def __init__(self, rank: int) -> None:
         self.rank = rank
@@ -49,6 +55,7 @@ class RankState:
         self.open_steps = StepColumns()
         self.last_epoch = -1
         self.finished = False
+        self.ended = ""  # how the rank's client said it ended ("finished", "interrupted", ...)
         self.host = ""
 
 
@@ -70,6 +77,9 @@ class RunState:
         self.pending_since: dict[int, float] = {}  # epoch -> monotonic time first seen
         self.last_closed = -1
         self.validations: list[tuple[int, int, wire.Tensor, list[str] | None]] = []
+        # The samples the last AMEND_EPOCHS closed epochs were judged with: a late rank's
+        # are pooled with them, so an amended epoch reads as if all had come in time.
+        self.judged_samples: dict[int, list[tuple]] = {}
         self.param_names: list[str] = []
         self.config_seen = False
         self.data_rank: int | None = None
@@ -79,6 +89,7 @@ class RunState:
         self.finished = False
         self.rejected: dict[str, int] = {}
         self.late_epochs = 0
+        self.unclosed_steps = 0  # steps of ranks that ended before closing their epoch
         self.seen = (0, time.monotonic())  # (messages, when that count was first seen)
 
     def missing(self, epoch: int) -> list[int]:
@@ -119,7 +130,7 @@ class State:
             # Every rank's launcher gave it the same WANDB_* environment: the first
             # hello (whichever rank) speaks for the run.
             env = msg.body.get("env", {}) if msg.kind == wire.KIND_HELLO else {}
-            out.append(RunOpened(run.run, msg.world_size, dict(env)))
+            out.append(RunOpened(run.run, msg.world_size, plain(dict(env))))
         elif msg.world_size > run.world_size:
             run.world_size = msg.world_size
         rank = run.ranks.get(msg.rank)
@@ -189,6 +200,10 @@ class State:
             self._data(run, msg, out)
         elif kind == wire.KIND_BYE:
             rank.finished = True
+            ended = msg.body.get("ended")
+            rank.ended = ended[:64] if isinstance(ended, str) and ended else "finished"
+            run.unclosed_steps += rank.open_steps.rows()
+            rank.open_steps = StepColumns()
             self._close_ready(run, out)
             if all(r in run.ranks and run.ranks[r].finished for r in range(run.world_size)):
                 self._finish(run, "finished", out)
@@ -242,15 +257,21 @@ class State:
         if epoch > run.last_closed:
             run.validations.append(entry)  # joins its epoch when that closes
             return
-        v = self._pool(run, [entry])  # that epoch is written already: amend it
-        out.append(LateValidation(run.run, epoch, v))
+        if epoch < run.last_closed - AMEND_EPOCHS:
+            return  # too late to amend; the health stage could not judge it again either
+        pooled = run.judged_samples.setdefault(epoch, [])  # that epoch is written: amend it
+        pooled.append(entry)
+        out.append(LateValidation(run.run, epoch, self._pool(run, pooled)))
 
     def _validation(self, run: RunState, epoch: int) -> ValidationInput | None:
         """The samples sent for this epoch (and any sent for epochs that never closed)."""
+        for old in [e for e in run.judged_samples if e < epoch - AMEND_EPOCHS]:
+            del run.judged_samples[old]
         ready = [v for v in run.validations if v[0] <= epoch]
         if not ready:
             return None
         run.validations = [v for v in run.validations if v[0] > epoch]
+        run.judged_samples[epoch] = ready
         return self._pool(run, ready)
 
     @staticmethod
@@ -332,11 +353,17 @@ class State:
         for epoch in sorted(run.pending):
             self._close(run, epoch, out)
         run.finished = True
+        told = sorted({r.ended for r in run.ranks.values() if r.ended not in ("", "finished")})
+        if ended == "finished" and told:
+            ended = ", ".join(told)  # e.g. "interrupted": a rank's client said so
+        for r in run.ranks.values():
+            run.unclosed_steps += r.open_steps.rows()
         counts = {
             "dropped": sum(r.counters.reported_drops for r in run.ranks.values()),
             "seq_gaps": sum(r.counters.seq_gaps for r in run.ranks.values()),
             "rejected": sum(run.rejected.values()),
             "late_epochs": run.late_epochs,
+            "unclosed_steps": run.unclosed_steps,
             "missing_ranks": sum(1 for r in range(run.world_size) if r not in run.ranks
                                  or not run.ranks[r].finished),
         }

@@ -26,11 +26,17 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--close-timeout", type=float, default=10.0)
     ap.add_argument("--validate", action="store_true")
+    ap.add_argument("--validate-after", action="store_true",
+                    help="log_validation(epoch) after log_epoch(epoch), as loops often do")
     ap.add_argument("--bf16", action="store_true")
     ap.add_argument("--curve-keys", default=None)
     ap.add_argument("--no-bye", action="store_true", help="exit without close(): a dead rank")
+    ap.add_argument("--explode", default="",
+                    help="epochs (e.g. 3-6,9) whose gradients are scaled up: norms past 100")
     a = ap.parse_args()
 
+    explode = {e for part in a.explode.split(",") if part
+               for e in range(int(part.split("-")[0]), int(part.split("-")[-1]) + 1)}
     torch.manual_seed(a.seed)
     model = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.ReLU(), torch.nn.Linear(32, 2))
     ema = torch.optim.swa_utils.AveragedModel(model)
@@ -50,7 +56,7 @@ def main() -> None:
             mse = (pred - y[i:i + 32]).pow(2).mean(0)
             loss = mse.sum()
             opt.zero_grad()
-            loss.backward()
+            (loss * (1e4 if epoch in explode else 1.0)).backward()
             norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
             opt.step()
             ema.update_parameters(model)
@@ -60,15 +66,19 @@ def main() -> None:
             made["step"] += 1
             if a.step_sleep:
                 time.sleep(a.step_sleep)
-        if a.validate:
+        if a.validate or a.validate_after:
             with torch.no_grad():
                 samples = model(torch.randn(64, 8, generator=g)).unsqueeze(1).repeat(1, 4, 1)
             if a.bf16:
                 samples = samples.to(torch.bfloat16)
+        if a.validate:
             tw.log_validation(epoch, samples, ["knee_angle_r", "grf_vz_r"])
             made["validation"] += 1
         tw.log_epoch(epoch, model=model, ema_model=ema)
         made["epoch"] += 1
+        if a.validate_after:
+            tw.log_validation(epoch, samples, ["knee_angle_r", "grf_vz_r"])
+            made["validation"] += 1
     t0 = time.perf_counter()
     if not a.no_bye:
         tw.close(timeout=a.close_timeout)
