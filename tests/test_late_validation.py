@@ -10,7 +10,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import CollectorProc, env, finish, start_trainer
 
 EPOCHS = 4

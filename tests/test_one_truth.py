@@ -11,7 +11,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import CollectorProc, env, finish, start_trainer
 from support.wandb_readback import find_offline_runs, read_offline_run
 

@@ -11,9 +11,9 @@ import time
 
 import msgpack
 import zmq
-
 from conftest import CollectorProc, env
 from support.wandb_readback import find_offline_runs, read_offline_run
+
 from trainer_client import wire
 
 
@@ -56,7 +56,7 @@ def test_odd_config_values_reach_every_sink_and_replay_agrees(tmp_path):
     (cfg,) = [r["metrics"] for r in recs if r["type"] == "config"]
     assert cfg["learning_rate"] == 1e-3 and cfg["num_params"] == 3
     assert json.dumps(cfg["deep"]).count("[") == 8 and "nested deeper" in json.dumps(cfg["deep"])
-    assert cfg["when"].startswith("Timestamp(") and cfg["raw-key".encode().hex()] == "00ff"
+    assert cfg["when"].startswith("Timestamp(") and cfg[b"raw-key".hex()] == "00ff"
     assert cfg["huge"] == str((1 << 64) - 1) and cfg["long"].endswith("more chars]")
     assert len(cfg["many"]) == 1001 and cfg["many"][-1] == "[4000 more items]"
     summary = next(r for r in recs if r["type"] == "summary")["metrics"]
