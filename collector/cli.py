@@ -66,6 +66,7 @@ def _profile(args: argparse.Namespace) -> Profile:
 
 def cmd_collect(args: argparse.Namespace) -> int:
     """The one place the live parts are wired together: sinks, recorder, view, server."""
+    from collector.ingest.limits import Limits
     from collector.ingest.pipeline import Pipeline
     from collector.ingest.server import Collector, check_binds
     from collector.recording.writer import NullRecorder, RecordWriter
@@ -77,14 +78,17 @@ def cmd_collect(args: argparse.Namespace) -> int:
     earlier = Path(args.record) if args.record else None
     resume = earlier is not None and earlier.exists() and earlier.stat().st_size > 0
     outputs = _outputs(args, profile, None, resume=resume)
+    limits = Limits(max_world_size=args.max_world_size, max_held_bytes=args.max_held_mb << 20,
+                    max_runs=args.max_runs, evict_after_s=args.evict_after)
     pipe = Pipeline(profile, FanOut([EventLogSink(), *outputs]),
                     recorder=RecordWriter(args.record) if args.record else NullRecorder(),
-                    epoch_timeout_s=args.epoch_timeout)
+                    epoch_timeout_s=args.epoch_timeout, limits=limits)
     if resume:
         # The outputs continue where the earlier session left them: each record once.
         n = pipe.rebuild(earlier, FanOut(outputs))
         logging.getLogger("trainwatch.collector").info(
             "continuing %s: state and outputs rebuilt from %d records", earlier, n)
+    pipe.control(limits.control())  # recorded: a replay accepts and drops what this does
     view = NullView() if args.no_view else make_view(sys.stdout)
     collector = Collector(args.bind, pipe, curve_keys=args.curve_keys, once=args.once,
                           quiet_s=args.quiet, view=view, max_msg_bytes=args.max_msg_mb << 20)
@@ -163,6 +167,12 @@ def _wandb_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rules", default=None, help="a TOML profile overriding the default rules")
 
 
+def _limit_defaults():  # noqa: ANN202 - a Limits; imported here to keep start-up light
+    from collector.ingest.limits import Limits
+
+    return Limits()
+
+
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="trainwatch", description=__doc__.split("\n")[0])
     ap.add_argument("-v", "--verbose", action="store_true")
@@ -181,7 +191,18 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--curve-keys", default=None, help="serve with CURVE keys from this folder")
     p.add_argument("--insecure", action="store_true",
                    help="allow a non-loopback bind without CURVE")
-    p.add_argument("--max-msg-mb", type=int, default=256)
+    d = _limit_defaults()
+    p.add_argument("--max-msg-mb", type=int, default=64,
+                   help="the largest message taken (default %(default)s)")
+    p.add_argument("--max-held-mb", type=int, default=d.max_held_bytes >> 20,
+                   help="memory for open epochs, samples and runs; what would exceed it is "
+                        "refused, counted and said (default %(default)s)")
+    p.add_argument("--max-world-size", type=int, default=d.max_world_size,
+                   help="the most ranks a run may claim (default %(default)s)")
+    p.add_argument("--max-runs", type=int, default=d.max_runs,
+                   help="runs held at once (default %(default)s)")
+    p.add_argument("--evict-after", type=float, default=d.evict_after_s,
+                   help="seconds a finished run's state is kept (default %(default)s)")
     p.add_argument("--no-view", action="store_true", help="no live status board")
     _wandb_args(p)
     p.set_defaults(func=cmd_collect)

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = ["CLEARED", "RAISED", "ConfigRecord", "DataStatsRecord", "EpochRecord", "Event",
-           "EventRecord", "Record", "RunRecord", "SummaryRecord", "plain"]
+           "EventRecord", "Ranks", "Record", "RunRecord", "SummaryRecord", "plain"]
 
 RAISED = "raised"
 CLEARED = "cleared"
@@ -41,6 +41,46 @@ class Event:
     def json(self) -> dict[str, str]:
         return {"rule": self.rule, "kind": self.kind, "severity": self.severity,
                 "message": self.message, "remedy": self.remedy}
+
+
+@dataclass(frozen=True, slots=True)
+class Ranks:
+    """A set of ranks as a count and ranges, never one entry per rank (a run may claim
+    thousands): ``Ranks.of([0, 1, 2, 5])`` is ``0-2, 5``."""
+
+    ranges: tuple[tuple[int, int], ...] = ()  # inclusive, ascending, disjoint
+
+    @classmethod
+    def of(cls, ranks: list[int]) -> Ranks:
+        out: list[tuple[int, int]] = []
+        for r in sorted(ranks):
+            if out and r <= out[-1][1] + 1:
+                out[-1] = (out[-1][0], max(out[-1][1], r))
+            else:
+                out.append((r, r))
+        return cls(tuple(out))
+
+    @classmethod
+    def missing(cls, present: list[int], world: int) -> Ranks:
+        """The ranks of ``range(world)`` not in ``present``; O(len(present))."""
+        out, lo = [], 0
+        for r in sorted(p for p in set(present) if 0 <= p < world):
+            if r > lo:
+                out.append((lo, r - 1))
+            lo = r + 1
+        if lo < world:
+            out.append((lo, world - 1))
+        return cls(tuple(out))
+
+    @property
+    def count(self) -> int:
+        return sum(b - a + 1 for a, b in self.ranges)
+
+    def __str__(self) -> str:
+        return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in self.ranges) or "none"
+
+    def json(self) -> dict[str, Any]:
+        return {"count": self.count, "ranges": [list(r) for r in self.ranges]}
 
 
 def _events(events: tuple[Event, ...]) -> list[dict[str, str]]:
@@ -97,15 +137,15 @@ class EpochRecord:
     metrics: Metrics
     events: tuple[Event, ...] = ()
     raised: tuple[str, ...] = ()  # rules and diagnoses raised at the end of this epoch
-    ranks: tuple[int, ...] = ()
-    missing: tuple[int, ...] = ()
+    ranks: Ranks = field(default_factory=Ranks)  # that reported the epoch
+    missing: Ranks = field(default_factory=Ranks)  # of the run's world that did not
     amends: bool = False
 
     def json(self) -> dict[str, Any]:
         out = {"type": "epoch", "run": self.run, "epoch": self.epoch,
                "metrics": dict(self.metrics), "events": _events(self.events),
-               "raised": list(self.raised), "ranks": list(self.ranks),
-               "missing_ranks": list(self.missing)}
+               "raised": list(self.raised), "ranks": self.ranks.json(),
+               "missing": self.missing.json()}
         if self.amends:
             out["amends"] = True
         return out

@@ -86,6 +86,13 @@ def finish(procs: list[subprocess.Popen], timeout: float = 120.0) -> None:
         assert p.returncode == 0, out.decode()[-3000:]
 
 
+def rank_list(ranks: dict) -> list[int]:
+    """An epoch record's ``ranks`` / ``missing`` (a count and ranges) as a list of ranks."""
+    out = [r for lo, hi in ranks["ranges"] for r in range(lo, hi + 1)]
+    assert len(out) == ranks["count"]
+    return out
+
+
 @pytest.fixture
 def ipc(tmp_path: Path) -> str:
     return f"ipc://{tmp_path}/tw.sock"

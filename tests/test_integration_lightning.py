@@ -14,7 +14,7 @@ import pytest
 import torch
 import zmq
 from collector.wandb_readback import find_offline_runs, read_offline_run
-from conftest import ROOT, CollectorProc, env
+from conftest import ROOT, CollectorProc, env, rank_list
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from workers.integration_util import (
@@ -352,7 +352,7 @@ def test_two_rank_ddp_is_one_run(tmp_path):
     epochs = [x for x in recs if x["type"] == "epoch"]
     assert [e["epoch"] for e in epochs] == [1, 2]
     for e, epoch in zip(epochs, (1, 2), strict=True):
-        assert e["ranks"] == [0, 1] and e["missing_ranks"] == []
+        assert rank_list(e["ranks"]) == [0, 1] and rank_list(e["missing"]) == []
         m = e["metrics"]
         loss = np.concatenate([rk["loss"][str(epoch)] for rk in ranks])  # both ranks pooled
         assert len(loss) == 2 * 4

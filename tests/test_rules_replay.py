@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pytest
-from conftest import ROOT, CollectorProc, env, finish
+from conftest import ROOT, CollectorProc, env, finish, rank_list
 
 from collector.analysis.profile import Profile, load_profile
 
@@ -217,7 +217,7 @@ def test_every_run_reached_the_collector_and_finished(replayed):
         sent = replayed.sent[f"rule-{name}"]
         assert sorted(sent) == ([0, 1, 2] if name in MULTI else [0])
         assert [r["epoch"] for r in _epochs(recs)] == [e["epoch"] for e in sent[0]["epochs"]]
-        assert all(r["missing_ranks"] == [] and r["ranks"] == sorted(sent)
+        assert all(rank_list(r["missing"]) == [] and rank_list(r["ranks"]) == sorted(sent)
                    for r in _epochs(recs))
 
 

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import CollectorProc, env, finish, free_tcp, start_trainer
+from conftest import CollectorProc, env, finish, free_tcp, rank_list, start_trainer
 
 from collector.recording.format import MESSAGE
 from collector.recording.reader import ReadStats, read_records
@@ -60,7 +60,8 @@ def test_epochs_close_over_all_ranks_and_the_run_ends(three_ranks):
     assert [r["type"] for r in recs][:2] == ["run", "config"]
     epochs = [r for r in recs if r["type"] == "epoch"]
     assert [e["epoch"] for e in epochs] == list(range(1, EPOCHS + 1))
-    assert all(e["ranks"] == [0, 1, 2] and e["missing_ranks"] == [] for e in epochs)
+    assert all(rank_list(e["ranks"]) == [0, 1, 2] and rank_list(e["missing"]) == []
+               for e in epochs)
     assert recs[-1]["type"] == "summary"
     assert recs[-1]["metrics"]["summary/dropped"] == 0
 

@@ -26,6 +26,7 @@ from collector.records import (
     EpochRecord,
     Event,
     EventRecord,
+    Ranks,
     RunRecord,
     SummaryRecord,
 )
@@ -106,7 +107,7 @@ def _rec(kind: str, run: str, epoch: int | None = None, metrics: dict | None = N
     raised = tuple(sorted({e.rule for e in events if e.kind == RAISED}))
     flags = {f"health/{r}": 1 for r in raised}
     return EpochRecord(run, epoch, {**metrics, **flags}, events, raised,
-                       tuple(extra.get("ranks", ())), tuple(extra.get("missing_ranks", ())))
+                       Ranks.of(extra.get("ranks", [])), Ranks.of(extra.get("missing_ranks", [])))
 
 
 def _epoch_rec(run: str, epoch: int) -> Any:

@@ -69,7 +69,7 @@ class EpochInput:
     weights: dict[int, np.ndarray]  # rank -> float64[len(WEIGHT_FIELDS)]
     ema: dict[int, np.ndarray]  # rank -> float64[len(EMA_FIELDS)]
     param_names: list[str]
-    missing_ranks: list[int] = field(default_factory=list)
+    missing: int = 0  # ranks of the world that did not report the epoch
     validation: ValidationInput | None = None
 
 

@@ -11,9 +11,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from collector.analysis.inputs import DataConstants, EpochInput, ValidationInput
+from collector.records import Ranks
 
 __all__ = ["BadStep", "ConfigSeen", "DataChunk", "EpochClosed", "Fact", "LateValidation",
-           "RunFinished", "RunOpened"]
+           "Note", "RunEvicted", "RunFinished", "RunOpened"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,8 +59,8 @@ class BadStep:
 class EpochClosed:
     run: str
     inp: EpochInput
-    ranks: tuple[int, ...]
-    missing: tuple[int, ...]
+    ranks: Ranks
+    missing: Ranks
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,5 +80,23 @@ class RunFinished:
     ended: str  # "finished": every rank said goodbye; otherwise why it was finished
 
 
+@dataclass(frozen=True, slots=True)
+class Note:
+    """Something about the stream the user should know (``rule``: ``ingest/<what>``): a
+    world size that changed, two processes claiming one rank, a message over a limit."""
+
+    run: str
+    epoch: int
+    rule: str
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class RunEvicted:
+    """A finished run's state is gone (held long enough): its messages start a new run."""
+
+    run: str
+
+
 Fact = (RunOpened | ConfigSeen | DataChunk | BadStep | EpochClosed | LateValidation
-        | RunFinished)
+        | RunFinished | Note | RunEvicted)

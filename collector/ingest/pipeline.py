@@ -36,19 +36,33 @@ from collector.ingest.facts import (
     EpochClosed,
     Fact,
     LateValidation,
+    Note,
+    RunEvicted,
     RunFinished,
     RunOpened,
 )
-from collector.ingest.state import State, Stream
-from collector.ingest.stepscan import COUNT, SEQ, Steps, admit, group_rows, parse_steps
+from collector.ingest.limits import Limits
+from collector.ingest.state import State, Stream, step_bytes
+from collector.ingest.stepscan import (
+    COUNT,
+    SEQ,
+    WORLD,
+    Steps,
+    admit,
+    group_rows,
+    parse_steps,
+)
 from collector.recording.format import CONTROL, MESSAGE
 from collector.recording.reader import ReadStats, frames_of, open_recording, scan
 from collector.recording.writer import NullRecorder, Recorder
 from collector.records import (
+    RAISED,
     ConfigRecord,
     DataStatsRecord,
     EpochRecord,
+    Event,
     EventRecord,
+    Ranks,
     Record,
     RunRecord,
     SummaryRecord,
@@ -60,6 +74,12 @@ __all__ = ["Batch", "Pipeline", "replay"]
 
 _log = logging.getLogger("trainwatch.collector")
 MIN_RUN = 8  # fast steps in a row worth a bulk pass (one costs ~20 us of numpy calls)
+NO_RANKS = Ranks()
+MIN_WINDOW, MAX_WINDOW = 64, 1 << 16  # messages one bulk attempt may read (see feed_batch)
+# Rejects the user hears of (once per run and reason), beside the counts every summary has.
+NOTED_REJECTS = {"over_budget": "the collector's memory budget (--max-held-mb) is full",
+                 "world_size_over_limit": "the world size is over --max-world-size",
+                 "epoch_out_of_order": "an epoch came after a later one of its rank"}
 
 
 class Batch(NamedTuple):
@@ -93,12 +113,13 @@ class Pipeline:
     """
 
     def __init__(self, profile: Profile, sink: Sink | None = None,
-                 recorder: Recorder | None = None, epoch_timeout_s: float = 60.0) -> None:
+                 recorder: Recorder | None = None, epoch_timeout_s: float = 60.0,
+                 limits: Limits | None = None) -> None:
         self.profile = profile
         self.sink: Sink = sink if sink is not None else NullSink()
         self.recorder: Recorder = recorder if recorder is not None else NullRecorder()
         self.epoch_timeout_s = epoch_timeout_s
-        self.state = State()
+        self.state = State(limits)
         self.health: dict[str, RunHealth] = {}
         self.accepted = 0
         self.bulk_accepted = 0  # of which taken by the bulk step path
@@ -139,26 +160,45 @@ class Pipeline:
         return True
 
     def feed_batch(self, b: Batch) -> None:
-        """Messages in order; the same result as ``feed`` on each (see the module doc)."""
+        """Messages in order; the same result as ``feed`` on each (see the module doc).
+
+        Linear in the batch whatever it holds: a bulk attempt starts only at a step whose
+        stream is known and whose sequence number rises (one look-up; anything else goes
+        alone), and reads at most twice what the attempt before it took (``window``), so
+        streams that keep cutting the bulk path short (new instances, duplicates) cost
+        what the per-message path costs.
+        """
         n = len(b.offs)
         if not n:
             return
-        s = parse_steps(b.buf, b.offs, b.lens, b.nfr)
+        s = parse_steps(b.buf, b.offs, b.lens, b.nfr, self.state.limits.max_world_size)
         slow = np.flatnonzero(~s.fast).tolist() + [n]
         i = k = 0
+        window = MAX_WINDOW
         while i < n:
             while slow[k] < i:
                 k += 1
             end = slow[k]
-            if end - i >= MIN_RUN:
-                i = self._fast_run(b, s, i, end)
+            if end - i >= MIN_RUN and self._bulk_ready(b, s, i):
+                j = self._fast_run(b, s, i, min(end, i + window))
+                window = min(MAX_WINDOW, max(MIN_WINDOW, 2 * (j - i)))
+                i = j
             elif i < end:  # a short stretch costs less one by one than in bulk
-                for j in range(i, end):
+                stop = end if end - i < MIN_RUN else i + 1
+                for j in range(i, stop):
                     self.feed(b.frames(j))
-                i = end
-            if i < n:  # a message the bulk path does not vouch for goes alone
+                i = stop
+                continue
+            if i < n:  # the message the bulk path stopped at, or does not vouch for
                 self.feed(b.frames(i))
                 i += 1
+
+    def _bulk_ready(self, b: Batch, s: Steps, i: int) -> bool:
+        """Whether fast step ``i`` is one the bulk path would take as it stands."""
+        o, ln = s.run_at[i]
+        st = self.state.stream(int(s.key[i]), b.buf[o:o + ln].tobytes())
+        return st is not None and int(s.ints[i, SEQ]) > st.stream.counters.last_seq \
+            and int(s.ints[i, WORLD]) == st.run.world_size
 
     def _fast_run(self, b: Batch, s: Steps, a: int, e: int) -> int:
         """Take fast steps ``a``, ``a+1``, ... up to ``e`` for as long as every one is
@@ -189,21 +229,31 @@ class Pipeline:
         if e == a:
             return a
         sidx = np.searchsorted(ukeys, keys[:e - a])
+        # A step of another world size than its run's goes alone (it earns a note).
+        worlds = np.array([0 if st is None else st.run.world_size for st in streams], np.int64)
+        off = np.flatnonzero(s.ints[a:e, WORLD] != worlds[sidx])
+        if off.size:
+            e = a + int(off[0])
+            sidx = sidx[:e - a]
         e = a + admit(sidx, s.ints[a:e, SEQ], self.state.last_seqs(streams))
         if e == a:
             return a
         sidx = sidx[:e - a]
+        cost = step_bytes_of(s, a, e)
+        if not self.state.room(int(cost.sum())):
+            return a  # over the budget: the per-message path refuses and counts them
         nidx = np.searchsorted(unames, nkeys[:e - a])
         self._flush_rejects()
         self.recorder.append_messages(b.buf, b.offs[a:e], b.lens[a:e])
         g = group_rows(s, a, sidx, nidx, len(streams))
         seg_ids = nidx[g.rows[g.changes] - a].tolist()
         cb = g.change_bounds.tolist()
+        held = np.bincount(sidx, weights=cost, minlength=len(streams)).astype(np.int64)
         for j, st in enumerate(streams):
             if g.bounds[j + 1] > g.bounds[j] and st is not None:
                 try:
                     self.state.apply_steps(st, g, j, [names[k] for k in seg_ids[cb[j]:cb[j + 1]]],
-                                           s, b.buf)
+                                           s, b.buf, int(held[j]))
                 except Exception:  # a bug must not take the collector down
                     self._internal_error(int(g.bounds[j + 1] - g.bounds[j]), wire.KIND_STEP,
                                          st.run.run)
@@ -240,9 +290,15 @@ class Pipeline:
             elif isinstance(f, RunFinished):
                 metrics = self.health[f.run].summary(f.counts)
                 self._emit(SummaryRecord(f.run, f.last_closed, metrics, f.ended))
+            elif isinstance(f, Note):
+                self._emit(EventRecord(f.run, f.epoch, -1, -1,
+                                       (Event(f.rule, RAISED, "warning", f.message),)))
+            elif isinstance(f, RunEvicted):
+                self.health.pop(f.run, None)
+                self.active.pop(f.run, None)
 
-    def _epoch_record(self, run: str, v: EpochVerdict, ranks: tuple[int, ...] = (),
-                      missing: tuple[int, ...] = (), amends: bool = False) -> EpochRecord:
+    def _epoch_record(self, run: str, v: EpochVerdict, ranks: Ranks = NO_RANKS,
+                      missing: Ranks = NO_RANKS, amends: bool = False) -> EpochRecord:
         self.active[run] = v.raised
         return EpochRecord(run, v.epoch, v.metrics, tuple(v.events), v.raised, ranks, missing,
                            amends)
@@ -266,8 +322,20 @@ class Pipeline:
     def _reject(self, reason: str, run: str | None, n: int = 1) -> None:
         self.rejected[reason] = self.rejected.get(reason, 0) + n
         self.state.reject(run, reason, n)
+        self._note_reject(run, reason)
         per_run = self._pending_rejects.setdefault(run or "", {})
         per_run[reason] = per_run.get(reason, 0) + n
+
+    def _note_reject(self, run: str | None, reason: str) -> None:
+        """The first reject of a kind the user should hear of, in a run's own records (a
+        replay says it where the recorded reject counts come in: the same place)."""
+        rs = self.state.runs.get(run) if run else None
+        if rs is None or reason not in NOTED_REJECTS or f"reject {reason}" in rs.noted:
+            return
+        rs.noted.add(f"reject {reason}")
+        self._emit(EventRecord(rs.run, max(rs.last_closed, 0), -1, -1, (Event(
+            f"ingest/{reason}", RAISED, "warning",
+            f"messages refused: {NOTED_REJECTS[reason]}; the run's summary counts them"),)))
 
     def _flush_rejects(self) -> None:
         """Rejects reach the recording as one control, so a replay's counts agree."""
@@ -284,9 +352,10 @@ class Pipeline:
         if ctl.get("op") == "rejects":
             if record:  # live rejects were counted when they happened
                 return
-            for reason_counts in ctl["counts"].values():
+            for name, reason_counts in ctl["counts"].items():
                 for reason, n in reason_counts.items():
                     self.rejected[reason] = self.rejected.get(reason, 0) + n
+                    self._note_reject(name or None, reason)
         self._publish(self.state.control(ctl))
 
     def tick(self, now: float) -> None:
@@ -342,12 +411,17 @@ class Pipeline:
         if isinstance(ctl, dict):
             self.control(ctl, record=False)
 
-    def finish(self, timeout_s: float = 30.0) -> None:
+    def finish(self, timeout_s: float = 120.0) -> None:
         """Close what is open: summaries for unfinished runs, then the recording and sinks."""
         self._flush_rejects()
         self._publish(self.state.finish_all())
         self.recorder.close()
         self.sink.close(timeout_s)
+
+
+def step_bytes_of(s: Steps, a: int, e: int) -> np.ndarray:
+    """``step_bytes`` of fast steps ``a`` to ``e``, as a float64 vector (for bincount)."""
+    return step_bytes(0, 0) + 8.0 * s.comp_at[a:e, COUNT] + 4.0 * np.maximum(s.pn_at[a:e, COUNT], 0)
 
 
 def _record_frames(raw: np.ndarray, body: np.ndarray, nfr: np.ndarray, first: np.ndarray

@@ -85,7 +85,7 @@ class Collector:
 
     def __init__(self, binds: list[str], pipeline: Pipeline, curve_keys: str | None = None,
                  once: bool = False, quiet_s: float = 3.0, view: StatusView | None = None,
-                 max_msg_bytes: int = 256 << 20, rcvhwm: int = 100_000) -> None:
+                 max_msg_bytes: int = 64 << 20, rcvhwm: int = 10_000) -> None:
         self.binds = binds
         self.pipeline = pipeline
         self.curve_keys = curve_keys

@@ -1,15 +1,19 @@
-"""Per-run, per-rank state: admitted messages in, what they complete out.
+"""Per-run, per-rank, per-client-instance state: admitted messages in, what they complete out.
 
 ``admit`` says whether a message may be taken (and changes nothing); ``apply`` takes it
-and returns the facts it completes (``facts``): a run opened, a config, a chunk of data,
-a non-finite step, an epoch closed, a run finished. The state builds no statistics and
-calls nothing back: the pipeline acts on the facts, in order.
+and returns the facts it completes (``facts``): a run opened, a config, a chunk of data, a
+non-finite step, an epoch closed, a run finished, and notes for the user (a world size
+that changed, two processes claiming one rank). The state builds no statistics and calls
+nothing back: the pipeline acts on the facts, in order.
 
-A step only appends to its rank's open epoch; arrays are built once per epoch, when every
-rank of the run has closed it (``EpochInput``). Epochs close strictly in order. A rank
-that never closes an epoch is waited for until the live collector's clock says otherwise;
-that decision comes back in as a control (``close_epoch``) so that a replay decides the
-same.
+Every client instance (process) of a rank is a stream of its own: its sequence numbers,
+open epoch and goodbye; a restarted rank is a new stream that starts afresh, and two live
+ones on one rank keep true accounting each. A step only appends to its stream's open
+epoch; arrays are built once per epoch, when every rank of the run has closed it
+(``EpochInput``). Epochs close strictly in order; a rank that never closes one is waited
+for until the live clock says otherwise, a decision that comes back in as a control
+(``close_epoch``) so that a replay decides the same. What the state holds is counted
+against ``Limits.max_held_bytes``; what would exceed it is refused at ``admit``.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from collector.analysis.inputs import (
     raw_array,
 )
 from collector.ingest.columns import StepColumns
-from collector.ingest.counters import RankCounters
+from collector.ingest.counters import RankCounters, StreamCounters
 from collector.ingest.facts import (
     BadStep,
     ConfigSeen,
@@ -36,44 +40,75 @@ from collector.ingest.facts import (
     EpochClosed,
     Fact,
     LateValidation,
+    Note,
+    RunEvicted,
     RunFinished,
     RunOpened,
 )
+from collector.ingest.limits import RUN_BYTES, STEP_BYTES, STREAM_BYTES, Limits
 from collector.ingest.stepscan import Groups, Steps, stream_key
-from collector.records import plain
+from collector.records import Ranks, plain
 from trainer_client import wire
 
-__all__ = ["RankState", "RunState", "State", "Stream"]
+__all__ = ["RankState", "RunState", "State", "Stream", "StreamState", "step_bytes"]
+
+
+def step_bytes(n_values: int, n_norms: int) -> int:
+    """What one step holds until its epoch closes, as the budget counts it."""
+    return STEP_BYTES + 8 * n_values + 4 * max(n_norms, 0)
+
+
+class StreamState:
+    """One client instance of a rank."""
+
+    __slots__ = ("instance", "key", "counters", "open_steps", "open_bytes", "last_epoch",
+                 "finished", "ended", "host", "pid")
+
+    def __init__(self, instance: int, key: int, counters: StreamCounters) -> None:
+        self.instance, self.key, self.counters = instance, key, counters
+        self.open_steps = StepColumns()
+        self.open_bytes = 0  # what its open epoch holds
+        self.last_epoch = -1
+        self.finished = False
+        self.ended = ""  # how its client said it ended ("finished", "interrupted", ...)
+        self.host, self.pid = "?", "?"
+
+    def who(self) -> str:
+        return f"{self.host} pid {self.pid} (instance {self.instance})"
 
 
 class RankState:
-    __slots__ = ("counters", "open_steps", "last_epoch", "finished", "ended", "host", "rank")
+    __slots__ = ("rank", "counters", "streams", "current")
 
     def __init__(self, rank: int) -> None:
         self.rank = rank
         self.counters = RankCounters()
-        self.open_steps = StepColumns()
-        self.last_epoch = -1
-        self.finished = False
-        self.ended = ""  # how the rank's client said it ended ("finished", "interrupted", ...)
-        self.host = ""
+        self.streams: dict[int, StreamState] = {}
+        self.current: StreamState | None = None  # the newest instance speaks for the rank
+
+    @property
+    def finished(self) -> bool:
+        return self.current is not None and self.current.finished
 
 
 class Stream(NamedTuple):
-    """A client instance of a rank, as the bulk step path finds it by its key."""
+    """The current client instance of a rank, as the bulk step path finds it by its key."""
 
     run: RunState
     rank: RankState
-    instance: int
+    stream: StreamState
     run_bytes: bytes
 
 
 class RunState:
     def __init__(self, run: str, world_size: int) -> None:
         self.run = run
-        self.world_size = world_size
+        self.world_size = world_size  # the first message's: a later change is a note
         self.ranks: dict[int, RankState] = {}
-        self.pending: dict[int, dict[int, tuple]] = {}  # epoch -> rank -> (steps, body)
+        self.pending: dict[int, dict[int, tuple]] = {}  # epoch -> rank -> (steps, body, bytes)
+        # per pending epoch: [ranks of the world present, of which finished]: whether an
+        # epoch can close is then O(1), however many ranks the world has
+        self.tally: dict[int, list[int]] = {}
         self.pending_since: dict[int, float] = {}  # epoch -> monotonic time first seen
         self.last_closed = -1
         self.validations: list[tuple[int, int, wire.Tensor, list[str] | None]] = []
@@ -82,44 +117,90 @@ class RunState:
         self.judged_samples: dict[int, list[tuple]] = {}
         self.param_names: list[str] = []
         self.config_seen = False
+        self.wandb_id: str | None = None  # the first hello's WANDB_RUN_ID
         self.data_rank: int | None = None
         self.data_count = 0  # chunks announced by chunk 0
         self.data_seen: set[int] = set()  # never sized by the sender's claim
         self.data_channels: list[str] = []
         self.finished = False
+        self.finished_seen: float | None = None  # live clock: when a tick first saw it
+        self.finished_ranks: set[int] = set()  # of range(world_size): their current said bye
         self.rejected: dict[str, int] = {}
         self.late_epochs = 0
         self.unclosed_steps = 0  # steps of ranks that ended before closing their epoch
+        self.messages = 0
+        self.held = RUN_BYTES
+        self.noted: set[str] = set()  # notes already given (once each)
         self.seen = (0, time.monotonic())  # (messages, when that count was first seen)
 
-    def missing(self, epoch: int) -> list[int]:
-        present = self.pending.get(epoch, {})
-        return [r for r in range(self.world_size) if r not in present]
+    def awaited(self, epoch: int) -> bool:
+        """Whether a rank of the world that has not finished has not closed ``epoch``."""
+        present, finished_present = self.tally.get(epoch, (0, 0))
+        return present + len(self.finished_ranks) - finished_present < self.world_size
+
+    def rank_done(self, rank: int, done: bool) -> None:
+        """A rank of the world finished (its current instance said bye), or restarted."""
+        if rank >= self.world_size or (rank in self.finished_ranks) == done:
+            return
+        (self.finished_ranks.add if done else self.finished_ranks.discard)(rank)
+        for epoch, slot in self.pending.items():
+            if rank in slot:
+                self.tally[epoch][1] += 1 if done else -1
+
+    def add_pending(self, epoch: int, rank: int, entry: tuple) -> None:
+        self.pending.setdefault(epoch, {})[rank] = entry
+        t = self.tally.setdefault(epoch, [0, 0])
+        if rank < self.world_size:
+            t[0] += 1
+            t[1] += rank in self.finished_ranks
+
+    def pop_pending(self, epoch: int) -> dict[int, tuple]:
+        self.tally.pop(epoch, None)
+        self.pending_since.pop(epoch, None)
+        return self.pending.pop(epoch, {})
 
 
 class State:
     """All runs seen: ``admit``, then ``apply``, each message; see the module docstring."""
 
-    def __init__(self) -> None:
+    def __init__(self, limits: Limits | None = None) -> None:
+        self.limits = limits if limits is not None else Limits()
         self.runs: dict[str, RunState] = {}
         self.streams: dict[int, Stream] = {}  # stream key -> stream, for ``apply_steps``
+        self.held = 0  # bytes the budget counts, over every run
 
     # -- messages ------------------------------------------------------------------
     def admit(self, msg: wire.Message) -> str | None:
         """Why ``msg`` must be rejected, or None. Changes nothing.
 
-        A rank's messages must rise in sequence per client instance, and its epochs must
-        rise; a new instance (a restarted process) starts afresh.
+        A stream's sequence numbers and epochs must rise; a run may claim up to
+        ``max_world_size`` ranks; a new run, instance, step or sample must fit the budget.
         """
+        lim = self.limits
+        if msg.world_size > lim.max_world_size:
+            return "world_size_over_limit"
         run = self.runs.get(msg.run)
-        rank = run.ranks.get(msg.rank) if run is not None else None
-        if rank is None or msg.instance != rank.counters.instance:
-            return None
-        if msg.seq <= rank.counters.last_seq:
-            return "duplicate_seq"
-        if msg.kind == wire.KIND_EPOCH and msg.epoch <= rank.last_epoch:
-            return "epoch_out_of_order"
+        cost = _cost(msg)
+        if run is None:
+            if len(self.runs) >= lim.max_runs:
+                return "too_many_runs"
+            cost += RUN_BYTES + STREAM_BYTES
+        else:
+            rank = run.ranks.get(msg.rank)
+            st = rank.streams.get(msg.instance) if rank is not None else None
+            if st is None:
+                cost += STREAM_BYTES
+            elif not st.counters.admit(msg.seq):
+                return "duplicate_seq"
+            elif msg.kind == wire.KIND_EPOCH and msg.epoch <= st.last_epoch:
+                return "epoch_out_of_order"
+        if cost and self.held + cost > lim.max_held_bytes:
+            return "over_budget"
         return None
+
+    def room(self, nbytes: int) -> bool:
+        """Whether the budget takes ``nbytes`` more (the bulk step path asks first)."""
+        return self.held + nbytes <= self.limits.max_held_bytes
 
     def apply(self, msg: wire.Message) -> list[Fact]:
         """Take an admitted message; the facts it completes, in order."""
@@ -127,66 +208,97 @@ class State:
         run = self.runs.get(msg.run)
         if run is None:
             run = self.runs[msg.run] = RunState(msg.run, msg.world_size)
+            self._hold(run, RUN_BYTES)
             # Every rank's launcher gave it the same WANDB_* environment: the first
             # hello (whichever rank) speaks for the run.
-            env = msg.body.get("env", {}) if msg.kind == wire.KIND_HELLO else {}
-            out.append(RunOpened(run.run, msg.world_size, plain(dict(env))))
-        elif msg.world_size > run.world_size:
-            run.world_size = msg.world_size
+            env = plain(dict(msg.body.get("env", {}))) if msg.kind == wire.KIND_HELLO else {}
+            run.wandb_id = env.get("WANDB_RUN_ID") if msg.kind == wire.KIND_HELLO else None
+            out.append(RunOpened(run.run, msg.world_size, env))
+        elif msg.world_size != run.world_size:
+            self._note(run, f"world_size {msg.world_size}", out,
+                       f"rank {msg.rank} says the world has {msg.world_size} ranks; the run "
+                       f"started with {run.world_size}, which stays its world size")
         rank = run.ranks.get(msg.rank)
         if rank is None:
             rank = run.ranks[msg.rank] = RankState(msg.rank)
-        if msg.instance != rank.counters.instance:
-            if rank.counters.instance is not None:  # a restarted process starts afresh
-                rank.last_epoch = -1
-                rank.open_steps = StepColumns()
-                rank.finished = False
-            rank.counters.admit(msg.instance, msg.seq)
-            self.streams[stream_key(run.run, rank.rank, msg.instance)] = Stream(
-                run, rank, msg.instance, run.run.encode())
-        rank.counters.count(msg.kind, msg.seq, msg.dropped, msg.wall_time)
-        self._apply(run, rank, msg, out)
+        st = rank.streams.get(msg.instance)
+        if st is None:
+            st = self._new_stream(run, rank, msg.instance)
+        elif st is not rank.current and not st.finished:
+            self._note(run, f"instances {msg.rank}", out,
+                       f"two live processes claim rank {msg.rank}: {st.who()} and "
+                       f"{rank.current.who()}; each is counted on its own")
+        st.counters.count(msg.kind, msg.seq, msg.dropped, msg.wall_time)
+        run.messages += 1
+        self._apply(run, rank, st, msg, out)
         return out
 
-    def stream(self, key: int, run_bytes: bytes) -> Stream | None:
-        """The live stream behind a bulk step key, or None (then the message goes alone)."""
-        st = self.streams.get(key)
-        if st is None or st.rank.counters.instance != st.instance or st.run_bytes != run_bytes:
-            return None
+    def _new_stream(self, run: RunState, rank: RankState, instance: int) -> StreamState:
+        """A client instance's first message: it starts afresh and speaks for the rank."""
+        key = stream_key(run.run, rank.rank, instance)
+        st = StreamState(instance, key, rank.counters.stream(instance))
+        rank.streams[instance] = st
+        rank.current = st
+        run.rank_done(rank.rank, False)
+        self._hold(run, STREAM_BYTES)
+        self.streams[key] = Stream(run, rank, st, run.run.encode())
+        while len(rank.streams) > self.limits.max_streams_per_rank:  # fold the oldest
+            old = next(iter(rank.streams.values()))
+            self._drop_stream(run, rank, old)
         return st
+
+    def _drop_stream(self, run: RunState, rank: RankState, st: StreamState) -> None:
+        del rank.streams[st.instance]
+        rank.counters.fold(st.instance)
+        self.streams.pop(st.key, None)
+        run.unclosed_steps += st.open_steps.rows()
+        self._hold(run, -STREAM_BYTES - st.open_bytes)
+
+    def stream(self, key: int, run_bytes: bytes) -> Stream | None:
+        """The current stream behind a bulk step key, or None (the message then goes alone:
+        a new instance registers there, and an old one's note is given there)."""
+        s = self.streams.get(key)
+        if s is None or s.rank.current is not s.stream or s.run_bytes != run_bytes:
+            return None
+        return s
 
     @staticmethod
     def last_seqs(streams: list[Stream | None]) -> np.ndarray:
         """Each stream's last sequence number (-1 for None), for the bulk admit."""
-        return np.array([-1 if st is None else st.rank.counters.last_seq for st in streams],
+        return np.array([-1 if s is None else s.stream.counters.last_seq for s in streams],
                         np.int64)
 
-    def apply_steps(self, st: Stream, g: Groups, j: int, seg_names: list[list[str]],
-                    s: Steps, buf: np.ndarray) -> None:
+    def apply_steps(self, s: Stream, g: Groups, j: int, seg_names: list[list[str]],
+                    steps: Steps, buf: np.ndarray, nbytes: int) -> None:
         """Take stream ``j`` of a regrouped stretch of admitted fast steps: what ``apply``
-        does for each, at once (fast steps are finite: they complete nothing)."""
-        run, rank = st.run, st.rank
-        world = int(g.max_world[j])
-        if world > run.world_size:
-            run.world_size = world
-        rank.counters.count_many(wire.KIND_STEP, int(g.bounds[j + 1] - g.bounds[j]),
-                                 int(g.last_seq[j]), int(g.max_dropped[j]),
-                                 float(g.last_wall[j]))
-        rank.open_steps.extend(g, j, seg_names, s, buf)
+        does for each, at once (fast steps are finite and of the run's world size: they
+        complete nothing). ``nbytes``: what they hold, as ``step_bytes`` counts it."""
+        n = int(g.bounds[j + 1] - g.bounds[j])
+        s.stream.counters.count_many(wire.KIND_STEP, n, int(g.last_seq[j]),
+                                     int(g.max_dropped[j]), float(g.last_wall[j]))
+        s.run.messages += n
+        s.stream.open_steps.extend(g, j, seg_names, steps, buf)
+        s.stream.open_bytes += nbytes
+        self._hold(s.run, nbytes)
 
-    def _apply(self, run: RunState, rank: RankState, msg: wire.Message, out: list[Fact]
-               ) -> None:
+    def _apply(self, run: RunState, rank: RankState, st: StreamState, msg: wire.Message,
+               out: list[Fact]) -> None:
         kind = msg.kind
         if kind == wire.KIND_STEP:
-            rank.open_steps.add(msg)
+            st.open_steps.add(msg)
+            cost = _cost(msg)
+            st.open_bytes += cost
+            self._hold(run, cost)
             loss, gn = msg.body[0], msg.body[1]
             if not math.isfinite(loss) or (gn is not None and not math.isfinite(gn)):
                 out.append(BadStep(run.run, msg.epoch, msg.step, msg.rank, float(loss),
                                    None if gn is None else float(gn)))
         elif kind == wire.KIND_EPOCH:
-            self._rank_epoch(run, rank, msg, out)
+            self._rank_epoch(run, rank, st, msg, out)
         elif kind == wire.KIND_HELLO:
-            rank.host = str(msg.body.get("host", ""))
+            st.host = str(msg.body.get("host", "?"))[:256]
+            st.pid = str(msg.body.get("pid", "?"))[:32]
+            self._hello_env(run, msg, out)
         elif kind == wire.KIND_VALIDATION:
             self._validation_msg(run, msg, out)
         elif kind == wire.KIND_CONFIG:
@@ -199,65 +311,81 @@ class State:
         elif kind == wire.KIND_DATA:
             self._data(run, msg, out)
         elif kind == wire.KIND_BYE:
-            rank.finished = True
+            st.finished = True
             ended = msg.body.get("ended")
-            rank.ended = ended[:64] if isinstance(ended, str) and ended else "finished"
-            run.unclosed_steps += rank.open_steps.rows()
-            rank.open_steps = StepColumns()
+            st.ended = ended[:64] if isinstance(ended, str) and ended else "finished"
+            run.unclosed_steps += st.open_steps.rows()
+            self._hold(run, -st.open_bytes)
+            st.open_steps, st.open_bytes = StepColumns(), 0
+            if st is rank.current:
+                run.rank_done(rank.rank, True)
             self._close_ready(run, out)
-            if all(r in run.ranks and run.ranks[r].finished for r in range(run.world_size)):
+            if len(run.finished_ranks) == run.world_size:
                 self._finish(run, "finished", out)
 
-    def _rank_epoch(self, run: RunState, rank: RankState, msg: wire.Message,
+    def _hello_env(self, run: RunState, msg: wire.Message, out: list[Fact]) -> None:
+        """Only the run's first hello says which wandb run it is; another that asks for a
+        different one is a note, not a redirection."""
+        asked = plain(dict(msg.body.get("env", {}))).get("WANDB_RUN_ID")
+        if asked is not None and run.wandb_id is not None and asked != run.wandb_id:
+            self._note(run, f"wandb {asked}", out,
+                       f"rank {msg.rank} asks for wandb run {asked!r}; the run writes to "
+                       f"{run.wandb_id!r}, set by its first hello")
+
+    def _rank_epoch(self, run: RunState, rank: RankState, st: StreamState, msg: wire.Message,
                     out: list[Fact]) -> None:
-        steps, rank.open_steps = rank.open_steps, StepColumns()
-        rank.last_epoch = msg.epoch
+        steps, held = st.open_steps, st.open_bytes
+        st.open_steps, st.open_bytes = StepColumns(), 0
+        st.last_epoch = msg.epoch
         if msg.body.get("param_names"):
             run.param_names = list(msg.body["param_names"])
         if msg.epoch <= run.last_closed:
             run.late_epochs += 1  # closed without this rank after a timeout
+            self._hold(run, -held)
             return
-        slot = run.pending.setdefault(msg.epoch, {})
+        slot = run.pending.get(msg.epoch, {})
         if not slot:
             run.pending_since[msg.epoch] = time.monotonic()
-        slot[msg.rank] = (steps, msg.body)
+        if msg.rank in slot:  # another process on this rank closed it first
+            self._hold(run, -held)
+            return
+        run.add_pending(msg.epoch, msg.rank, (steps, msg.body, held))
         self._close_ready(run, out)
 
     def _close_ready(self, run: RunState, out: list[Fact]) -> None:
         """Close complete epochs in order; an incomplete earlier epoch holds later ones."""
         while run.pending:
             epoch = min(run.pending)
-            present = run.pending[epoch]
-            alive = [r for r in range(run.world_size)
-                     if not (r in run.ranks and run.ranks[r].finished and r not in present)]
-            if not all(r in present for r in alive) or not present:
+            if not run.pending[epoch] or run.awaited(epoch):
                 return
             self._close(run, epoch, out)
 
     def _close(self, run: RunState, epoch: int, out: list[Fact]) -> None:
-        missing = tuple(run.missing(epoch))
-        present = run.pending.pop(epoch, {})
-        run.pending_since.pop(epoch, None)
+        present = run.pop_pending(epoch)
         run.last_closed = max(run.last_closed, epoch)
         steps, weights, ema = {}, {}, {}
         for r in sorted(present):
-            msgs, body = present[r]
+            msgs, body, held = present[r]
+            self._hold(run, -held)
             steps[r] = msgs.series()
             if body.get("weights") is not None:
                 weights[r] = np.asarray(body["weights"], dtype=np.float64)
             if body.get("ema") is not None:
                 ema[r] = np.asarray(body["ema"], dtype=np.float64)
+        missing = Ranks.missing(list(present), run.world_size)
         inp = EpochInput(run.run, epoch, run.world_size, steps, weights, ema,
-                         list(run.param_names), list(missing), self._validation(run, epoch))
-        out.append(EpochClosed(run.run, inp, tuple(sorted(present)), missing))
+                         list(run.param_names), missing.count, self._validation(run, epoch))
+        out.append(EpochClosed(run.run, inp, Ranks.of(list(present)), missing))
 
     def _validation_msg(self, run: RunState, msg: wire.Message, out: list[Fact]) -> None:
         epoch = msg.body.get("epoch", msg.epoch)
         entry = (epoch, msg.rank, msg.tensors["samples"], msg.body.get("channels"))
+        self._hold(run, _cost(msg))
         if epoch > run.last_closed:
             run.validations.append(entry)  # joins its epoch when that closes
             return
         if epoch < run.last_closed - AMEND_EPOCHS:
+            self._hold(run, -_cost(msg))
             return  # too late to amend; the health stage could not judge it again either
         pooled = run.judged_samples.setdefault(epoch, [])  # that epoch is written: amend it
         pooled.append(entry)
@@ -266,7 +394,7 @@ class State:
     def _validation(self, run: RunState, epoch: int) -> ValidationInput | None:
         """The samples sent for this epoch (and any sent for epochs that never closed)."""
         for old in [e for e in run.judged_samples if e < epoch - AMEND_EPOCHS]:
-            del run.judged_samples[old]
+            self._hold(run, -sum(len(v[2].data) for v in run.judged_samples.pop(old)))
         ready = [v for v in run.validations if v[0] <= epoch]
         if not ready:
             return None
@@ -302,6 +430,16 @@ class State:
         out.append(DataChunk(run.run, raw_array(t), t.dtype, run.data_channels, consts,
                              len(run.data_seen) == run.data_count))
 
+    def _note(self, run: RunState, key: str, out: list[Fact], message: str) -> None:
+        if key not in run.noted and len(run.noted) < 100:  # once each, and a few at most
+            run.noted.add(key)
+            out.append(Note(run.run, max(run.last_closed, 0), "ingest/" + key.split()[0],
+                            message))
+
+    def _hold(self, run: RunState, nbytes: int) -> None:
+        run.held += nbytes
+        self.held += nbytes
+
     # -- decisions and the end -----------------------------------------------------
     def reject(self, run: str | None, reason: str, n: int = 1) -> None:
         rs = self.runs.get(run) if run else None
@@ -309,63 +447,84 @@ class State:
             rs.rejected[reason] = rs.rejected.get(reason, 0) + n
 
     def overdue(self, now: float, timeout_s: float) -> list[dict]:
-        """Controls the live clock calls for: epochs waited on too long, silent runs."""
+        """Controls the live clock calls for: epochs waited on too long, silent runs, and
+        finished runs held long enough."""
         out = []
         for run in self.runs.values():
             if run.finished:
+                if run.finished_seen is None:
+                    run.finished_seen = now
+                elif now - run.finished_seen >= self.limits.evict_after_s:
+                    out.append({"op": "evict_run", "run": run.run})
                 continue
             for epoch, since in sorted(run.pending_since.items()):
                 if now - since >= timeout_s:
-                    out.append({"op": "close_epoch", "run": run.run, "epoch": epoch,
-                                "missing": run.missing(epoch)})
+                    out.append({"op": "close_epoch", "run": run.run, "epoch": epoch})
             # Some ranks said goodbye and the rest went quiet: they died. All quiet for
             # much longer: the whole job died. (Quiet = no new message since a tick.)
-            msgs = sum(r.counters.messages for r in run.ranks.values())
-            if msgs != run.seen[0]:
-                run.seen = (msgs, now)
+            if run.messages != run.seen[0]:
+                run.seen = (run.messages, now)
             quiet = now - run.seen[1]
-            done = any(r.finished for r in run.ranks.values())
-            if quiet >= (timeout_s if done else 5 * timeout_s):
+            if quiet >= (timeout_s if run.finished_ranks else 5 * timeout_s):
                 out.append({"op": "finish_run", "run": run.run})
         return out
 
     def control(self, ctl: dict) -> list[Fact]:
         """Apply a decision (from the clock, or replayed); the facts it completes."""
         out: list[Fact] = []
-        if ctl.get("op") == "rejects":
+        op = ctl.get("op")
+        if op == "rejects":
             for name, reasons in ctl["counts"].items():
                 for reason, n in reasons.items():
                     self.reject(name or None, reason, n)
             return out
-        run = self.runs.get(ctl.get("run", ""))
-        if run is None or run.finished:
+        if op == "limits":
+            self.limits = Limits.from_control(ctl)
             return out
-        if ctl["op"] == "close_epoch" and ctl["epoch"] in run.pending:
+        run = self.runs.get(ctl.get("run", ""))
+        if run is None:
+            return out
+        if op == "evict_run" and run.finished:
+            self._evict(run, out)
+        if run.finished:
+            return out
+        if op == "close_epoch" and ctl["epoch"] in run.pending:
             # Everything before it closes first (in order), then it, then what follows.
             for epoch in sorted(e for e in run.pending if e <= ctl["epoch"]):
                 self._close(run, epoch, out)
             self._close_ready(run, out)
-        elif ctl["op"] == "finish_run":
+        elif op == "finish_run":
             self._finish(run, "went quiet", out)
         return out
+
+    def _evict(self, run: RunState, out: list[Fact]) -> None:
+        del self.runs[run.run]
+        for rank in run.ranks.values():
+            for st in rank.streams.values():
+                self.streams.pop(st.key, None)
+        self.held -= run.held
+        out.append(RunEvicted(run.run))
 
     def _finish(self, run: RunState, ended: str, out: list[Fact]) -> None:
         for epoch in sorted(run.pending):
             self._close(run, epoch, out)
         run.finished = True
-        told = sorted({r.ended for r in run.ranks.values() if r.ended not in ("", "finished")})
+        told = sorted({st.ended for rank in run.ranks.values() for st in rank.streams.values()
+                       if st.ended not in ("", "finished")})
         if ended == "finished" and told:
             ended = ", ".join(told)  # e.g. "interrupted": a rank's client said so
-        for r in run.ranks.values():
-            run.unclosed_steps += r.open_steps.rows()
+        for rank in run.ranks.values():
+            for st in rank.streams.values():
+                run.unclosed_steps += st.open_steps.rows()
+                self._hold(run, -st.open_bytes)
+                st.open_steps, st.open_bytes = StepColumns(), 0
         counts = {
             "dropped": sum(r.counters.reported_drops for r in run.ranks.values()),
             "seq_gaps": sum(r.counters.seq_gaps for r in run.ranks.values()),
             "rejected": sum(run.rejected.values()),
             "late_epochs": run.late_epochs,
             "unclosed_steps": run.unclosed_steps,
-            "missing_ranks": sum(1 for r in range(run.world_size) if r not in run.ranks
-                                 or not run.ranks[r].finished),
+            "missing_ranks": run.world_size - len(run.finished_ranks),
         }
         out.append(RunFinished(run.run, run.last_closed if run.last_closed >= 0 else None,
                                counts, ended))
@@ -390,8 +549,19 @@ class State:
             "epoch": run.last_closed if run.last_closed >= 0 else None,
             "ranks_connected": sum(1 for r in run.ranks.values() if not r.finished),
             "world_size": run.world_size,
-            "messages": sum(r.counters.messages for r in run.ranks.values()),
+            "messages": run.messages,
             "dropped": sum(r.counters.reported_drops for r in run.ranks.values()),
             "rejected": sum(run.rejected.values()),
+            "held_bytes": run.held,
             "finished": run.finished,
         } for name, run in self.runs.items()}
+
+
+def _cost(msg: wire.Message) -> int:
+    """What a message makes the state hold until its epoch closes (steps and samples)."""
+    if msg.kind == wire.KIND_STEP:
+        pn = msg.tensors.get("param_norms") if msg.tensors else None
+        return step_bytes(len(msg.body[3]), pn.shape[0] if pn is not None else 0)
+    if msg.kind == wire.KIND_VALIDATION:
+        return len(msg.tensors["samples"].data)
+    return 0

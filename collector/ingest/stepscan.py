@@ -197,10 +197,12 @@ def _parse(buf, offs, lens, nfr, max_world, max_run):  # noqa: ANN001, ANN202 - 
     return fast, ints, floats, key, names_key, names_at, run_at, comp_at, comps[:c], pn_at
 
 
-def parse_steps(buf: np.ndarray, offs: np.ndarray, lens: np.ndarray, nfr: np.ndarray
-                ) -> Steps:
-    """Read every binary step frame of a batch (see the module's docstring)."""
-    return Steps(*_parse(buf, offs, lens, nfr, wire.MAX_WORLD, wire.MAX_RUN_LEN))
+def parse_steps(buf: np.ndarray, offs: np.ndarray, lens: np.ndarray, nfr: np.ndarray,
+                max_world: int = wire.MAX_WORLD) -> Steps:
+    """Read every binary step frame of a batch (see the module's docstring); a step that
+    claims more than ``max_world`` ranks is left to the per-message path (which refuses)."""
+    return Steps(*_parse(buf, offs, lens, nfr, min(max_world, wire.MAX_WORLD),
+                         wire.MAX_RUN_LEN))
 
 
 @njit(cache=True)

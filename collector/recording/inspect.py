@@ -38,8 +38,8 @@ def inspect_recording(path: str | Path) -> dict:
         except wire.DecodeError:
             undecodable += 1
             continue
-        c = ranks.setdefault(m.run, {}).setdefault(m.rank, RankCounters())
-        if c.admit(m.instance, m.seq):
+        c = ranks.setdefault(m.run, {}).setdefault(m.rank, RankCounters()).stream(m.instance)
+        if c.admit(m.seq):
             c.count(m.kind, m.seq, m.dropped, m.wall_time)
     return {
         "runs": {run: {"ranks": {r: c.as_dict() for r, c in sorted(rs.items())}}

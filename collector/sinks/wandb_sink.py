@@ -359,8 +359,8 @@ class WandbSink:
             row.update(self.thresholds)
         row["health/n_raised"] = len(record.raised)
         if not record.amends:
-            row["ranks/reporting"] = len(record.ranks)
-            row["ranks/missing"] = len(record.missing)
+            row["ranks/reporting"] = record.ranks.count
+            row["ranks/missing"] = record.missing.count
         self._add_events(state, epoch, record.events)
         if state.events_unlogged:
             row["health/events"] = self._events_table(state)
