@@ -5,8 +5,8 @@
 
 It trains a real model: a decoder-only transformer language model (12 blocks, width 512,
 ~46M parameters; ``--preset tiny`` on the CPU) under bf16 autocast on CUDA, with gradient
-clipping and an EMA copy, reporting to a real collector process (``python -m collector
-collect``) over an ipc socket.
+clipping and an EMA copy (updated with a fused lerp, no host read), reporting to a real
+collector process (``python -m collector collect``) over an ipc socket.
 
 Added time per step: the same process, model and optimizer alternate between blocks of
 steps without and with ``tw.log_step(loss, terms, model=model, grad_norm=norm, lr=lr)``,
@@ -19,14 +19,15 @@ timed apart.
 
 Host syncs: on CUDA, every ``log_step`` / ``log_epoch`` / ``log_validation`` call runs under
 ``torch.cuda.set_sync_debug_mode("error")``, so a device-to-host sync inside it raises.
-``host_syncs`` counts the calls that raised, plus those the client dropped as
-``log_failed`` while the mode was on (it never raises into the loop, so a sync error it
-caught shows there); it must be 0. A second pass under ``"warn"`` counts every sync
-warning (``sync_warnings``, also 0). On the CPU no such mode exists: ``host_syncs`` is
-null, and ``value_reads`` counts the aten ops that read a tensor's value (``.item()``,
-``bool(t)``) seen by a dispatch mode on the training thread (0 expected; the same check as
-tests/test_client_nosync.py). That mode runs Python for every op, so CPU timings of the
-logged arm are inflated: the CPU run checks the logic, the CUDA run gives the figures.
+``host_syncs`` counts the calls that raised, plus those in which the client caught the
+error itself (it never raises into the loop: such a call shows as a ``log_failed`` drop,
+or as a warning from ``log_epoch``); it must be 0. A second pass under ``"warn"`` counts
+every sync warning (``sync_warnings``, also 0). On the CPU no such mode exists:
+``host_syncs`` is null, and ``value_reads`` counts the aten ops that read a tensor's value
+(``.item()``, ``bool(t)``) seen by a dispatch mode on the training thread (0 expected; the
+same check as tests/test_client_nosync.py). That mode runs Python for every op, so CPU
+timings of the logged arm are inflated: the CPU run checks the logic, the CUDA run gives
+the figures.
 
 Prints one JSON object (also written to ``--out``); exits 1 if a sync or value read was
 seen, or the collector did not get the run.
@@ -35,11 +36,14 @@ seen, or the collector did not get the run.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
+import logging
 import math
 import statistics
 import sys
 import tempfile
+import threading
 import time
 import warnings
 from contextlib import contextmanager
@@ -113,8 +117,21 @@ class ValueReads:
         self.mode = Mode
 
 
+class _Said(logging.Handler):
+    """What the client logged from the calling thread (a sync error it caught and told)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.thread = threading.get_ident()
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.thread == self.thread:
+            self.messages.append(record.getMessage())
+
+
 class Checker:
-    """Runs each log call under the device's sync check and counts what it caught."""
+    """Runs each log call under the device's sync check and counts the calls that synced."""
 
     def __init__(self, device: torch.device, tw: Any) -> None:
         self.cuda = device.type == "cuda"
@@ -126,6 +143,10 @@ class Checker:
     @contextmanager
     def check(self, what: str):
         failed = self.tw.stats["dropped_by_reason"]["log_failed"]
+        said = _Said()
+        client_log = logging.getLogger("trainwatch.client")
+        client_log.addHandler(said)
+        raised = False
         t0 = time.perf_counter()
         try:
             if self.cuda:
@@ -135,7 +156,7 @@ class Checker:
                 except RuntimeError as exc:
                     if "synchroniz" not in str(exc):
                         raise
-                    self.host_syncs += 1
+                    raised = True
                 finally:
                     torch.cuda.set_sync_debug_mode(0)
             else:
@@ -143,7 +164,11 @@ class Checker:
                     yield
         finally:
             self.call_s.setdefault(what, []).append(time.perf_counter() - t0)
-        if self.cuda and self.tw.stats["dropped_by_reason"]["log_failed"] > failed:
+            client_log.removeHandler(said)
+        # The client never raises into the loop: a sync error it caught shows as a
+        # log_failed drop (log_step, log_validation) or a warning (log_epoch's summaries).
+        if self.cuda and (raised or self.tw.stats["dropped_by_reason"]["log_failed"] > failed
+                          or any("synchroniz" in m for m in said.messages)):
             self.host_syncs += 1
 
 
@@ -168,7 +193,10 @@ def _run(args: argparse.Namespace, tmp: Path) -> dict:
     torch.manual_seed(0)
     model = LM(preset["vocab"], preset["width"], preset["blocks"], preset["heads"],
                preset["seq"]).to(device)
-    ema = torch.optim.swa_utils.AveragedModel(model).requires_grad_(False)
+    # An EMA copy updated without any host read (AveragedModel reads its counter on the
+    # host every update: a sync per step in both arms would hide the device's run-ahead).
+    ema = copy.deepcopy(model).requires_grad_(False)
+    ema_params, params = list(ema.parameters()), list(model.parameters())
     opt = torch.optim.AdamW(model.parameters(), lr=3e-4,
                             fused=device.type == "cuda")
     amp = device.type == "cuda" and not args.no_amp
@@ -193,7 +221,7 @@ def _run(args: argparse.Namespace, tmp: Path) -> dict:
                             lr=opt.param_groups[0]["lr"])
         opt.step()
         opt.zero_grad(set_to_none=True)
-        ema.update_parameters(model)
+        torch._foreach_lerp_(ema_params, params, 1e-3)
         return logits
 
     def sync() -> None:

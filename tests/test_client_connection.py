@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import ctypes
 import json
-import logging
 import signal
 import subprocess
 import sys
@@ -19,6 +18,7 @@ import time
 
 import pytest
 import torch
+from client_support import kill_leftovers, warnings_with
 from conftest import CollectorProc, env, free_tcp
 
 from collector.recording import MESSAGE, read_records
@@ -26,9 +26,11 @@ from trainer_client import TrainerClient, wire
 from trainer_client.sender import CONNECT_WARN_S
 
 
-def _warnings(caplog, text: str) -> list[str]:
-    return [r.getMessage() for r in caplog.records
-            if r.levelno >= logging.WARNING and text in r.getMessage()]
+@pytest.fixture
+def started():
+    procs: list = []
+    yield procs
+    kill_leftovers(procs)
 
 
 def _until(cond, timeout: float) -> bool:
@@ -74,9 +76,11 @@ def test_well_formed_endpoints_are_taken(tmp_path):
         assert tw.stats["sender"] == "closed"
 
 
-def test_a_dead_sender_thread_is_said_once_and_every_later_message_counted(tmp_path, caplog):
+def test_a_dead_sender_thread_is_said_once_and_every_later_message_counted(tmp_path, caplog,
+                                                                         started):
     ep = f"ipc://{tmp_path}/c.sock"
     col = CollectorProc(tmp_path, ep, "--once", "--quiet", "1").start()
+    started.append(col)
     before = _senders()
     tw = TrainerClient(endpoint=ep, run="dies", rank=0, world_size=1)
     (thread,) = _senders() - before
@@ -99,8 +103,8 @@ def test_a_dead_sender_thread_is_said_once_and_every_later_message_counted(tmp_p
     assert closed_in < 5  # nothing to wait for: far below the 30 s timeout
     assert s["dropped_by_reason"]["sender_dead"] == 10 + 1 + 1  # steps, epoch, bye
     assert s["dropped"] == 12 and s["handed_to_socket"] == 2 and s["queued"] == 0
-    assert len(_warnings(caplog, "sender thread stopped")) == 1
-    assert "sender_dead" in _warnings(caplog, "sender thread stopped")[0]
+    assert len(warnings_with(caplog, "sender thread stopped")) == 1
+    assert "sender_dead" in warnings_with(caplog, "sender thread stopped")[0]
     col.stop(signal.SIGTERM)
     assert [m.kind for m in _recorded(col.record)] == [wire.KIND_HELLO, wire.KIND_STEP]
 
@@ -113,14 +117,14 @@ def test_no_collector_is_said_once_and_close_returns_at_once(caplog):
         for i in range(20):
             tw.log_step(torch.tensor(float(i)))
         time.sleep(1.0)
-        assert not _warnings(caplog, "no collector")  # 1 s: well before CONNECT_WARN_S
-        assert _until(lambda: _warnings(caplog, "no collector"), 30)
+        assert not warnings_with(caplog, "no collector")  # 1 s: well before CONNECT_WARN_S
+        assert _until(lambda: warnings_with(caplog, "no collector"), 30)
         warned_after = time.monotonic() - t0
         time.sleep(0.5)
         t1 = time.monotonic()
         tw.close(timeout=30)
         closed_in = time.monotonic() - t1
-    (msg,) = _warnings(caplog, "no collector")
+    (msg,) = warnings_with(caplog, "no collector")
     assert ep in msg and "monitoring is off" in msg
     assert CONNECT_WARN_S - 1 < warned_after < 30
     assert closed_in < 5  # at once, not the 30 s timeout
@@ -129,9 +133,11 @@ def test_no_collector_is_said_once_and_close_returns_at_once(caplog):
     assert s["dropped"] == s["dropped_by_reason"]["no_peer"] == 1 + 20 + 1  # hello, steps, bye
 
 
-def test_a_lost_and_regained_collector_is_said_and_held_messages_arrive(tmp_path, caplog):
+def test_a_lost_and_regained_collector_is_said_and_held_messages_arrive(tmp_path, caplog,
+                                                                        started):
     ep = f"ipc://{tmp_path}/c.sock"
     first = CollectorProc(tmp_path, ep, name="first").start()
+    started.append(first)
     with caplog.at_level("WARNING", logger="trainwatch.client"):
         tw = TrainerClient(endpoint=ep, run="flaky", rank=0, world_size=1)
         assert _until(lambda: tw.stats["connected"], 30)
@@ -140,26 +146,27 @@ def test_a_lost_and_regained_collector_is_said_and_held_messages_arrive(tmp_path
         assert _until(lambda: tw.stats["handed_to_socket"] == 6 and not tw.stats["queued"], 30)
         time.sleep(0.5)  # let the collector write them
         first.stop(signal.SIGKILL)
-        assert _until(lambda: _warnings(caplog, "lost the collector"), 30)
+        assert _until(lambda: warnings_with(caplog, "lost the collector"), 30)
         assert not tw.stats["connected"]
         for i in range(5, 15):  # logged while no collector is there: held, not dropped
             tw.log_step(torch.tensor(float(i)))
         time.sleep(0.3)
         assert tw.stats["queued"] == 10 and tw.stats["dropped"] == 0
         second = CollectorProc(tmp_path, ep, "--once", name="second").start()
-        assert _until(lambda: _warnings(caplog, "is back after"), 30)
+        started.append(second)
+        assert _until(lambda: warnings_with(caplog, "is back after"), 30)
         tw.close(timeout=30)
     assert second.wait(60) == 0, second.log.read_text()[-2000:]
-    assert len(_warnings(caplog, "lost the collector")) == 1
-    assert len(_warnings(caplog, "is back after")) == 1
-    assert not _warnings(caplog, "no collector")
+    assert len(warnings_with(caplog, "lost the collector")) == 1
+    assert len(warnings_with(caplog, "is back after")) == 1
+    assert not warnings_with(caplog, "no collector")
     s = tw.stats
     assert s["dropped"] == 0 and s["handed_to_socket"] == 1 + 15 + 1
     got = [m.body[0] for m in _recorded(second.record) if m.kind == wire.KIND_STEP]
     assert got == [float(i) for i in range(5, 15)]
 
 
-def test_stats_and_bye_say_handed_to_socket_and_losses_match_the_collector(tmp_path):
+def test_stats_and_bye_say_handed_to_socket_and_losses_match_the_collector(tmp_path, started):
     """A burst made before the collector exists: the queue holds 5, the rest are dropped
     and counted; the collector's gaps equal the drops the client reported, exactly."""
     ep = f"ipc://{tmp_path}/c.sock"
@@ -181,6 +188,7 @@ json.dump(tw.stats, open({str(tmp_path / "stats.json")!r}, "w"))
                                stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     assert trainer.stdout.readline().strip() == "logged"
     col = CollectorProc(tmp_path, ep, "--once", "--quiet", "1").start()
+    started.append(col)
     trainer.communicate("go\n", timeout=60)
     assert trainer.returncode == 0
     assert col.wait(60) == 0
@@ -197,3 +205,27 @@ json.dump(tw.stats, open({str(tmp_path / "stats.json")!r}, "w"))
     c = json.loads(r.stdout)["runs"]["burst"]["ranks"]["0"]
     assert c["messages"] == stats["handed_to_socket"]
     assert c["seq_gaps"] == c["reported_drops"] == stats["dropped"]
+
+
+def test_a_refused_curve_key_is_named_in_the_warning(tmp_path, caplog, started):
+    keys, other = tmp_path / "keys", tmp_path / "other"
+    for d in (keys, other):
+        subprocess.run([sys.executable, "-m", "collector", "keys", "generate", str(d)],
+                       env=env(), check=True, capture_output=True, timeout=120)
+    intruder = tmp_path / "intruder"  # the right server key, a client key never authorized
+    intruder.mkdir()
+    for f in ("client.key", "client.key_secret"):
+        (intruder / f).write_bytes((other / f).read_bytes())
+    (intruder / "server.key").write_bytes((keys / "server.key").read_bytes())
+    ep = free_tcp()
+    col = CollectorProc(tmp_path, ep, "--curve-keys", str(keys)).start()
+    started.append(col)
+    with caplog.at_level("WARNING", logger="trainwatch.client"):
+        tw = TrainerClient(endpoint=ep, run="intruder", rank=0, world_size=1,
+                           curve_keys=str(intruder))
+        tw.log_step(torch.tensor(1.0))
+        assert _until(lambda: warnings_with(caplog, "no collector"), 30)
+        tw.close(timeout=30)
+    (msg,) = warnings_with(caplog, "no collector")
+    assert "CURVE handshake was refused" in msg
+    assert tw.stats["handed_to_socket"] == 0 and tw.stats["dropped"] == 3

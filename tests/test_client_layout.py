@@ -6,12 +6,10 @@ training thread (the same dispatch-mode check as test_client_nosync.py).
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pytest
 import torch
-import zmq
+from client_support import Receiver, kill_leftovers
 from conftest import CollectorProc
 from test_client_nosync import READS, OpLog
 
@@ -21,23 +19,11 @@ from trainer_client.client import DATA_MAX_ROWS
 NP = {"float32": np.float32, "float64": np.float64, "float16": np.float16}
 
 
-class Receiver:
-    def __init__(self, tmp_path) -> None:
-        self.ctx = zmq.Context()
-        self.sock = self.ctx.socket(zmq.PULL)
-        self.endpoint = f"ipc://{tmp_path}/pull.sock"
-        self.sock.bind(self.endpoint)
-
-    def until_bye(self, timeout: float = 30.0) -> list[wire.Message]:
-        got, deadline = [], time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.sock.poll(200):
-                got.append(wire.decode(self.sock.recv_multipart()))
-                if got[-1].kind == wire.KIND_BYE:
-                    break
-        self.sock.close(0)
-        self.ctx.term()
-        return got
+@pytest.fixture
+def started():
+    procs: list = []
+    yield procs
+    kill_leftovers(procs)
 
 
 def _array(t: wire.Tensor) -> np.ndarray:
@@ -106,10 +92,11 @@ def test_max_rows_sends_a_seeded_uniform_sample_of_real_rows(tmp_path):
     assert len({tuple(r) for r in a.tolist()}) > 1800  # few repeats: spread over the set
 
 
-def test_the_collector_takes_a_sampled_dataset(tmp_path):
+def test_the_collector_takes_a_sampled_dataset(tmp_path, started):
     imgs = _images(100)
     ep = f"ipc://{tmp_path}/c.sock"
     col = CollectorProc(tmp_path, ep, "--once", "--quiet", "1").start()
+    started.append(col)
     tw = TrainerClient(endpoint=ep, run="sampled", rank=0, world_size=1)
     tw.log_data_stats(imgs, ["r", "g", "b"], channel_dim=1, max_rows=3000)
     tw.close(timeout=30)

@@ -19,6 +19,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from client_support import kill_leftovers
 from conftest import ROOT, CollectorProc, env
 
 from collector.recording import MESSAGE, read_records
@@ -78,19 +79,27 @@ json.dump(own, open(sys.argv[1], "w"))
 '''
 
 
+@pytest.fixture
+def started():
+    procs: list = []
+    yield procs
+    kill_leftovers(procs)
+
+
 def _readme_loop() -> str:
     text = (ROOT / "README.md").read_text()
     section = text[text.index("## Adding it to a training script"):]
     return re.search(r"```python\n(.*?)```", section, re.S).group(1)
 
 
-def test_the_readme_loop_gives_the_gradient_figures_one_computes(tmp_path):
+def test_the_readme_loop_gives_the_gradient_figures_one_computes(tmp_path, started):
     block = _readme_loop()
     assert block.index("tw.log_step(") < block.index("opt.zero_grad()")  # the order taught
     script = tmp_path / "train.py"
     script.write_text(PREAMBLE + block + EPILOGUE)
     ep = f"ipc://{tmp_path}/c.sock"
     col = CollectorProc(tmp_path, ep, "--once", "--quiet", "1").start()
+    started.append(col)
     r = subprocess.run([sys.executable, str(script), str(tmp_path / "own.json")],
                        env={**env(), "TRAINWATCH_ENDPOINT": ep}, capture_output=True,
                        text=True, timeout=300, cwd=tmp_path)

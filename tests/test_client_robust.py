@@ -8,37 +8,14 @@ Every message is read back from a real ZeroMQ socket and decoded with the wire m
 
 from __future__ import annotations
 
-import logging
 import math
-import time
 
 import pytest
 import torch
-import zmq
+from client_support import Receiver, warnings_with
 from torch import nn
 
 from trainer_client import TrainerClient, reductions, wire
-
-
-class Receiver:
-    """A PULL socket bound before the client connects; ``until_bye`` drains it."""
-
-    def __init__(self, tmp_path) -> None:
-        self.ctx = zmq.Context()
-        self.sock = self.ctx.socket(zmq.PULL)
-        self.endpoint = f"ipc://{tmp_path}/pull.sock"
-        self.sock.bind(self.endpoint)
-
-    def until_bye(self, timeout: float = 30.0) -> list[wire.Message]:
-        got, deadline = [], time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.sock.poll(200):
-                got.append(wire.decode(self.sock.recv_multipart()))
-                if got[-1].kind == wire.KIND_BYE:
-                    break
-        self.sock.close(0)
-        self.ctx.term()
-        return got
 
 
 def _client(rx: Receiver) -> TrainerClient:
@@ -52,11 +29,6 @@ def _kind(msgs: list[wire.Message], kind: int) -> list[wire.Message]:
 def _norms(step: wire.Message) -> list[float]:
     t = step.tensors["param_norms"]
     return torch.frombuffer(bytearray(t.data), dtype=torch.float32).tolist()
-
-
-def _warnings(caplog, text: str) -> list[str]:
-    return [r.getMessage() for r in caplog.records
-            if r.levelno >= logging.WARNING and text in r.getMessage()]
 
 
 class SpectralFilter(nn.Module):
@@ -87,7 +59,7 @@ def test_a_complex_parameter_is_reduced_through_its_real_view(tmp_path, caplog):
         tw.log_epoch(1, model=model, ema_model=ema)
         tw.close(timeout=10)
     msgs = rx.until_bye()
-    assert tw.stats["dropped"] == 0 and not _warnings(caplog, "left out")
+    assert tw.stats["dropped"] == 0 and not warnings_with(caplog, "left out")
     (step,) = _kind(msgs, wire.KIND_STEP)
     names = [n for n, _ in model.named_parameters()]
     own = [float(torch.linalg.vector_norm(p.grad)) for p in model.parameters()]  # |z| for complex
@@ -122,7 +94,7 @@ def test_sparse_gradients_are_left_out_with_one_warning_and_the_rest_travel(tmp_
         tw.log_epoch(1, model=model)
         tw.close(timeout=10)
     msgs = rx.until_bye()
-    warned = _warnings(caplog, "left out")
+    warned = warnings_with(caplog, "left out")
     assert len(warned) == 1 and "0.weight" in warned[0] and "sparse" in warned[0]
     steps = _kind(msgs, wire.KIND_STEP)
     assert len(steps) == 5 and tw.stats["dropped"] == 0
@@ -159,7 +131,7 @@ def test_a_meta_device_model_never_raises_into_the_loop(tmp_path, caplog):
         tw.log_step(meta_loss, model=real)
         tw.close(timeout=10)
     msgs = rx.until_bye()
-    warned = _warnings(caplog, "left out")
+    warned = warnings_with(caplog, "left out")
     for name in ("lazy.weight", "lazy.bias", "weight", "bias"):
         assert sum(f" {name} left out of the gradient norms" in w for w in warned) == 1, warned
     assert any("lazy.weight left out of the weight statistics" in w for w in warned)
@@ -172,7 +144,7 @@ def test_a_meta_device_model_never_raises_into_the_loop(tmp_path, caplog):
     assert e2.body["weights"] is None and e2.epoch == 2  # the epoch still closes
     by = tw.stats["dropped_by_reason"]
     assert by["log_failed"] == 2 and by["build_failed"] == 1 and tw.stats["dropped"] == 3
-    assert len(_warnings(caplog, "log_step failed")) == 1
+    assert len(warnings_with(caplog, "log_step failed")) == 1
     # the lost steps are reported in the BYE header, as the sequence gaps the collector sees
     bye = _kind(msgs, wire.KIND_BYE)[0]
     assert bye.dropped == 3 and bye.seq + 1 - len(msgs) == 3
@@ -201,12 +173,12 @@ def test_integer_float64_and_frozen_models(tmp_path, caplog):
     assert e1.body["weights"][0] == sum(p.numel() for p in trainable)
     assert e1.body["ema"] == [sum(p.numel() for p in trainable), 0.0]
     assert e2.body["weights"] is None
-    assert len(_warnings(caplog, "no trainable parameters")) == 1
+    assert len(warnings_with(caplog, "no trainable parameters")) == 1
     # all named parameters, as an integration might pass them: the integer one is left out
     with caplog.at_level("WARNING", logger="trainwatch.client"):
         summary = reductions.weight_summary(list(model.named_parameters()))
     assert summary[0] == sum(p.numel() for p in trainable)
-    assert len(_warnings(caplog, "codebook left out of the weight statistics")) == 1
+    assert len(warnings_with(caplog, "codebook left out of the weight statistics")) == 1
 
 
 def test_grad_norms_keeps_its_signature_and_float32_result():

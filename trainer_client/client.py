@@ -514,8 +514,9 @@ class _StepVector(NamedTuple):
 
     def body(self, h: torch.Tensor | None) -> tuple:
         """The step's wire body from the host copy of the vector (sender thread)."""
-        if self.has_param_norms and self.grads is not None and not self.grads.zero_warned:
-            self.grads.zeros(h[self.n_scalars:], self.step)
+        pn = h[self.n_scalars:] if self.has_param_norms else None
+        if pn is not None and self.grads is not None and not self.grads.zero_settled:
+            self.grads.zeros(pn, self.step)
         head = h[:self.n_scalars].tolist() if h is not None else []
         at = 0 if self.loss is not None else 1
         loss = self.loss if self.loss is not None else head[0]
@@ -525,8 +526,7 @@ class _StepVector(NamedTuple):
         at += self.has_grad_norm
         lr = head[at] if self.has_lr else self.lr
         body = [loss, gn, self.tensor_names + self.float_names, terms + self.float_values, lr]
-        pn = [_raw(h[self.n_scalars:], "param_norms", "float32")] if self.has_param_norms else []
-        return body, pn
+        return body, [] if pn is None else [_raw(pn, "param_norms", "float32")]
 
 
 class _GradWatch:
@@ -538,7 +538,9 @@ class _GradWatch:
 
     def __init__(self) -> None:
         self.none_warned = False
-        self.zero_warned = False
+        # Settled once a step had a nonzero norm (the loop's order is right: later zeros
+        # are the collector's to judge) or once it was said: no check per step after that.
+        self.zero_settled = False
 
     def none(self, params: list[tuple[str, torch.Tensor]], step: int) -> None:
         if self.none_warned:
@@ -553,8 +555,10 @@ class _GradWatch:
                          "None", step, self._HOW)
 
     def zeros(self, norms: torch.Tensor, step: int) -> None:
-        if norms.numel() and not norms.numpy().any():
-            self.zero_warned = True
+        if not norms.numel():
+            return
+        self.zero_settled = True
+        if not norms.numpy().any():
             _log.warning("trainwatch: log_step(model=...) at step %d found every gradient "
                          "zero: %s (with set_to_none=False it zeroes them, and the gradient "
                          "metrics read 0)", step, self._HOW)
