@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-dev
 
-.PHONY: install demo test bench soak reliability lint clean
+.PHONY: install demo test bench soak reliability lint clean client-check gpu-check
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -12,6 +12,7 @@ $(STAMP): pyproject.toml
 	# torch is pinned (a CPU build): an open range would pull a multi-GB CUDA build.
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	touch $(STAMP)
+	@echo "trainwatch is installed in $(VENV): 'source $(BIN)/activate' puts it on your PATH"
 
 install: $(STAMP)
 
@@ -33,6 +34,27 @@ reliability: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
+
+# On a machine with a CUDA GPU (and a CUDA torch in .venv): the client's added time per
+# step and its host syncs (0) on a ~46M-parameter model; --device cpu checks the logic.
+gpu-check: $(STAMP)
+	$(BIN)/python benchmarks/gpu_check.py
+
+# The client installed as a user would, beside a torch already there (default: the oldest
+# release the `client` extra allows), in a throwaway venv: that torch must stay, the
+# `trainwatch` command must be on the venv's PATH, and the client's tests must pass on it.
+CLIENT_TORCH ?= 2.4.1
+CLIENT_VENV  ?= /tmp/trainwatch-client-check
+client-check:
+	rm -rf $(CLIENT_VENV)
+	$(PYTHON) -m venv $(CLIENT_VENV)
+	$(CLIENT_VENV)/bin/python -m pip install -q "torch==$(CLIENT_TORCH)"
+	$(CLIENT_VENV)/bin/python -m pip install -q -e '.[client]' pytest pytest-timeout
+	$(CLIENT_VENV)/bin/python -c "import sys, torch; v = torch.__version__.split('+')[0]; \
+		sys.exit(None if v == '$(CLIENT_TORCH)' else 'torch was replaced: ' + v)"
+	$(CLIENT_VENV)/bin/trainwatch --help > /dev/null
+	$(CLIENT_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/test_client_*.py
+	rm -rf $(CLIENT_VENV)
 
 clean:
 	rm -rf $(VENV) out bench-results.json

@@ -12,10 +12,15 @@ waits: when the collector is slow, absent or dead, messages are dropped and coun
             loss, terms = compute_loss(model, x)
             loss.backward()
             norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step(); opt.zero_grad()
-            tw.log_step(loss, terms, model=model, grad_norm=norm)
+            tw.log_step(loss, terms, model=model, grad_norm=norm)  # reads .grad: before
+            opt.step()                                             # zero_grad
+            opt.zero_grad()
         tw.log_epoch(epoch, model=model, ema_model=ema)
     tw.close()
+
+Nothing here raises into the loop but a wrong argument (a ``ValueError`` or ``TypeError``
+at the call): a parameter the reductions cannot take is left out with one warning, and a
+call whose device work fails anyway is dropped, counted (``log_failed``) and logged once.
 """
 
 from __future__ import annotations
@@ -30,13 +35,24 @@ import threading
 import time
 import weakref
 from collections.abc import Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 from torch import nn
 
 from . import identity, reductions, wire
-from .sender import Item, Sender
+from .sender import CONNECT_WARN_S, FIRST_PEER_S, Item, Sender
+from .steps import GradWatch, host_step, step_vector, versions
+from .tensors import (
+    BadArgument,
+    BadDtype,
+    channel_axis,
+    constants,
+    dtype_name,
+    plain,
+    raw,
+    sample_rows,
+)
 
 __all__ = ["TrainerClient"]
 
@@ -44,6 +60,11 @@ _log = logging.getLogger("trainwatch.client")
 _clients: weakref.WeakSet[TrainerClient] = weakref.WeakSet()
 
 _CHUNK_BYTES = 8 << 20  # data-stats chunks: big enough to amortise, small enough to interleave
+# log_data_stats ships at most this many rows (positions along every dim but the channel
+# dim) by default: a uniform sample of 10^6 rows pins each channel's mean to ~0.1 % of its
+# std, and a CIFAR-sized image set (5*10^7 pixel rows) would otherwise travel whole.
+DATA_MAX_ROWS = 1_000_000
+LOCAL_WAIT_S = 60.0  # a local collector's start-up (Python, numba) before it connects
 
 
 def _after_fork_in_child() -> None:
@@ -63,12 +84,6 @@ os.register_at_fork(after_in_child=_after_fork_in_child)
 atexit.register(_close_all_at_exit)
 
 
-def _raw(host: torch.Tensor, name: str, dtype: str) -> wire.Tensor:
-    """A host tensor's bytes without a copy (bfloat16 has no numpy type: view as bytes)."""
-    data = host.contiguous().view(torch.uint8).numpy() if host.numel() else b""
-    return wire.Tensor(name, dtype, tuple(host.shape), data)
-
-
 class TrainerClient:
     """Ships training-health data to a trainwatch collector without blocking the loop.
 
@@ -78,6 +93,9 @@ class TrainerClient:
     ``WORLD_SIZE``, else 0/1. CURVE keys: argument or ``TRAINWATCH_CURVE_KEYS`` (a folder
     made by ``trainwatch keys generate``). ``local_collector=FOLDER``: with no endpoint
     configured, start a collector of this job's own that writes into FOLDER.
+
+    A malformed endpoint is a ``ValueError`` here, naming where it came from. After that
+    nothing raises into the loop but a wrong argument to a ``log_*`` call.
     """
 
     def __init__(self, endpoint: str | None = None, run: str | None = None,
@@ -88,14 +106,14 @@ class TrainerClient:
         self.run = identity.resolve_run(run)
         self.rank, self.world_size = identity.resolve_rank_world(rank, world_size)
         self._local = None
+        self.endpoint = identity.resolve_endpoint(endpoint)  # a ValueError if malformed
+        curve = _load_curve(curve_keys or os.environ.get("TRAINWATCH_CURVE_KEYS"))
         if local_collector is not None and endpoint is None \
                 and not os.environ.get("TRAINWATCH_ENDPOINT"):
             from .local import LocalCollector
 
             self._local = LocalCollector(local_collector, self.run)
-            endpoint = self._local.endpoint
-        self.endpoint = identity.resolve_endpoint(endpoint)
-        curve = _load_curve(curve_keys or os.environ.get("TRAINWATCH_CURVE_KEYS"))
+            self.endpoint = self._local.endpoint
         self._pid = os.getpid()
         self._seq = itertools.count()
         self._lock = threading.Lock()  # only against concurrent log_* calls, never the sender
@@ -104,11 +122,21 @@ class TrainerClient:
         self._epoch = 0  # the epoch that steps now belong to (last logged + 1)
         self._step = 0
         self._params: dict[int, list[tuple[str, torch.Tensor]]] = {}
+        self._norm_names: dict[int, list[str]] = {}  # per model: the last step's norm columns
         self._pn_names: list[str] | None = None  # of the last grad_norms= given to log_step
-        self._sender = Sender(self.endpoint, self.run, self.rank, self.world_size,
-                              random.getrandbits(32), max_queue=max_queue,
-                              max_queue_bytes=max_queue_bytes, curve=curve,
-                              connect_grace_s=60.0 if self._local else 5.0)
+        self._grads = GradWatch()
+        self._warned: set[str] = set()
+        wait = LOCAL_WAIT_S if self._local else None
+        try:
+            self._sender = Sender(self.endpoint, self.run, self.rank, self.world_size,
+                                  random.getrandbits(32), max_queue=max_queue,
+                                  max_queue_bytes=max_queue_bytes, curve=curve,
+                                  connect_warn_s=wait or CONNECT_WARN_S,
+                                  first_peer_s=wait or FIRST_PEER_S)
+        except BaseException:
+            if self._local is not None:
+                self._local.stop()
+            raise
         _clients.add(self)
         body = {"host": socket.gethostname(), "pid": self._pid, "env": identity.wandb_env()}
         self._enqueue(wire.KIND_HELLO, lambda _h: (body, []))
@@ -116,15 +144,26 @@ class TrainerClient:
     # -- public API ------------------------------------------------------------------
     @property
     def stats(self) -> dict[str, Any]:
-        """Counters: ``sent``, ``dropped`` (all reasons), ``dropped_by_reason``, ``queued``."""
+        """Counters and state.
+
+        ``handed_to_socket``: messages ZeroMQ accepted (not proof of delivery: a collector
+        that dies with messages in flight loses them, and shows them as sequence gaps that
+        no client reported); ``dropped``: messages that never left, all reasons;
+        ``dropped_by_reason`` (see ``trainer_client.sender``); ``queued``; ``after_close``:
+        calls made after ``close``; ``connected``: a collector is connected now;
+        ``sender``: ``running``, ``closed`` or ``dead``. ``sent`` is the old name of
+        ``handed_to_socket``, kept for existing readers.
+        """
         s = self._sender
         drops = dict(s.drops)
-        return {"sent": s.sent, "dropped": sum(drops.values()), "dropped_by_reason": drops,
-                "queued": s.queued(), "after_close": self._after_close}
+        return {"handed_to_socket": s.handed_to_socket, "dropped": sum(drops.values()),
+                "dropped_by_reason": drops, "queued": s.queued(),
+                "after_close": self._after_close, "connected": s.connected,
+                "sender": s.state(), "sent": s.handed_to_socket}
 
     def log_config(self, config: Mapping[str, Any], model: nn.Module | None = None) -> None:
         """Hyperparameters (the seed's section 1); with a model, ``num_params`` is added."""
-        cfg = {str(k): _plain(v) for k, v in dict(config).items()}
+        cfg = {str(k): plain(v) for k, v in dict(config).items()}
         num_params = None
         if model is not None:
             num_params = sum(p.numel() for p in reductions.unwrap(model).parameters())
@@ -132,27 +171,44 @@ class TrainerClient:
         self._enqueue(wire.KIND_CONFIG, lambda _h: (body, []))
 
     def log_data_stats(self, data: torch.Tensor, channel_names: Sequence[str],
-                       mean: Any = None, std: Any = None) -> None:
-        """The normalised training data (last dim = channels), shipped raw in chunks.
+                       mean: Any = None, std: Any = None, channel_dim: int = -1,
+                       max_rows: int | None = DATA_MAX_ROWS) -> None:
+        """The normalised training data, shipped raw in chunks, once.
 
-        ``mean``/``std`` are the per-channel normalisation constants (physical = x*std+mean);
-        the collector keeps them to judge generated samples in physical units.
+        ``channel_dim`` is the dim that holds the channels (-1: the last; 1 for images in
+        NCHW); every position along the other dims is a row. At most ``max_rows`` rows
+        travel (default ``DATA_MAX_ROWS``; None: all): drawn uniformly, with replacement,
+        on the device by a generator seeded with ``DATA_SAMPLE_SEED``. The first chunk's
+        body says ``rows_total`` and ``rows_sent``. ``mean``/``std`` are the per-channel
+        normalisation constants (physical = x*std+mean); the collector keeps them to
+        judge generated samples in physical units.
         """
+        if self._closed:
+            self._after_close += 1
+            return
         names = [str(c) for c in channel_names]
-        if data.ndim < 1 or data.shape[-1] != len(names):
-            raise ValueError(f"data's last dim {tuple(data.shape)} != {len(names)} channel names")
-        dtype = _dtype_name(data)
-        flat = data.detach().reshape(-1, len(names))
-        rows = max(1, _CHUNK_BYTES // max(1, flat.shape[1] * flat.element_size()))
-        chunks = list(torch.split(flat, rows)) or [flat]
-        consts = {k: _const(v, len(names), k) for k, v in (("mean", mean), ("std", std))}
-        for i, chunk in enumerate(chunks):
-            host, event = reductions.to_host(chunk.contiguous())
+        dim = channel_axis(data, channel_dim, len(names), "log_data_stats", "data")
+        dtype = dtype_name(data)
+        if max_rows is not None and (type(max_rows) is not int or max_rows < 1):
+            raise BadArgument(f"log_data_stats: max_rows must be a positive int or None, "
+                               f"got {max_rows!r}")
+        consts = {k: constants(v, len(names), k) for k, v in (("mean", mean), ("std", std))}
+        try:
+            flat, total = sample_rows(data.detach(), dim, max_rows)
+            rows = max(1, _CHUNK_BYTES // max(1, flat.shape[1] * flat.element_size()))
+            chunks = list(torch.split(flat, rows)) or [flat]
+            hosts = [reductions.to_host(chunk.contiguous()) for chunk in chunks]
+        except Exception as exc:
+            self._failed("log_data_stats", exc)
+            return
+        for i, (host, event) in enumerate(hosts):
             extra = consts if i == 0 else {}
             body = {"index": i, "count": len(chunks), "channels": names}
+            if i == 0:
+                body.update(rows_total=total, rows_sent=flat.shape[0])
 
             def build(h: torch.Tensor, body: dict = body, extra: dict = extra) -> tuple:
-                ts = [_raw(h, "chunk", dtype)]
+                ts = [raw(h, "chunk", dtype)]
                 ts += [wire.Tensor(k, "float64", (len(names),), v) for k, v in extra.items()
                        if v is not None]
                 return body, ts
@@ -165,7 +221,8 @@ class TrainerClient:
                  grad_norm: torch.Tensor | float | None = None,
                  lr: torch.Tensor | float | None = None,
                  grad_norms: tuple[list[str], torch.Tensor] | None = None) -> None:
-        """One optimisation step, after backward: loss, loss terms, gradient norms.
+        """One optimisation step: loss, loss terms, gradient norms. Call it after
+        ``backward()`` (and clipping) and before ``zero_grad()``: it reads ``.grad``.
 
         The global gradient L2 norm is ``grad_norm`` when given (e.g. what
         ``clip_grad_norm_`` returned), else computed on the device from ``model``'s
@@ -186,92 +243,77 @@ class TrainerClient:
             # backward pass every Python line here costs ~10x (cold caches).
             comps = dict(components) if components else {}
             self._step += 1
-            self._enqueue(wire.KIND_STEP, _host_step,
-                          (loss, comps, grad_norm, lr, _versions(loss, comps, grad_norm, lr)),
+            self._enqueue(wire.KIND_STEP, host_step,
+                          (loss, comps, grad_norm, lr, versions(loss, comps, grad_norm, lr)),
                           step=self._step)
             return
-        # Vector layout on the device: [loss?, tensor terms..., grad_norm?, lr?, param norms...]
-        tensor = torch.Tensor
-        parts: list[torch.Tensor] = []
-        t_names: list[str] = []
-        f_names: list[str] = []
-        f_vals: list[float] = []
-        loss_is_tensor = isinstance(loss, tensor)
-        if loss_is_tensor:
-            parts.append(_scalar(loss, "loss"))
-        if components:
-            for name, value in components.items():
-                if isinstance(value, tensor):
-                    parts.append(_scalar(value, name))
-                    t_names.append(str(name))
-                else:
-                    f_names.append(str(name))
-                    f_vals.append(float(value))
-        pn = grad_norms
-        if pn is None and model is not None:
-            pn = reductions.grad_norms(self._params_of(model))
-        gn_float: float | None = None
-        has_gn = isinstance(grad_norm, tensor)
-        if has_gn:
-            parts.append(_scalar(grad_norm, "grad_norm"))
-        elif grad_norm is not None:
-            gn_float = float(grad_norm)
-        elif pn is not None:
-            parts.append(torch.linalg.vector_norm(pn[1]))
-            has_gn = True
-        lr_float: float | None = None
-        has_lr = isinstance(lr, tensor)
-        if has_lr:  # an optimizer's tensor lr lives on the CPU: copied now, no read
-            lr_t = _scalar(lr, "lr")
-            parts.append(lr_t.to(parts[0].device, non_blocking=True) if parts else lr_t)
-        elif lr is not None:
-            lr_float = float(lr)
-        host = event = None
-        if parts:
-            # One stack with grad mode off: a snapshot, no autograd node holding the graph.
-            # (torch.no_grad() costs ~3 us of Python here; the raw switch does not.)
-            grad_was = torch.is_grad_enabled()
-            torch._C._set_grad_enabled(False)
-            try:
-                vec = torch.stack(parts)
-                if vec.dtype != torch.float32:
-                    vec = vec.float()
-                if pn is not None:
-                    vec = torch.cat([vec, pn[1].to(vec.device)])
-            finally:
-                torch._C._set_grad_enabled(grad_was)
-            host, event = reductions.to_host(vec)
-        layout = _StepVector(None if loss_is_tensor else float(loss), t_names, f_names, f_vals,
-                             has_gn, gn_float, has_lr, lr_float, len(parts), pn is not None)
+        try:
+            layout, host, event = self._step_vector(loss, components, model, grad_norm, lr,
+                                                    grad_norms)
+        except (BadArgument, BadDtype):
+            raise
+        except Exception as exc:
+            self._failed("log_step", exc)
+            return
         self._step += 1
         self._enqueue(wire.KIND_STEP, layout.body, host, event, step=self._step)
 
+    def _step_vector(self, loss: Any, components: Any, model: nn.Module | None,
+                     grad_norm: Any, lr: Any, grad_norms: Any = None) -> tuple:
+        """log_step's device work: the vector to copy to the host and its layout."""
+        pn = grad_norms
+        if pn is None and model is not None:
+            params = self._params_of(model)
+            pn = reductions.grad_norms(params)
+            if pn is None:
+                self._grads.none(params, self._step + 1)
+            else:
+                self._norm_names[id(model)] = pn[0]
+        return step_vector(loss, components, pn, grad_norm, lr, self._grads, self._step + 1)
+
     def log_epoch(self, epoch: int, model: nn.Module | None = None,
                   ema_model: nn.Module | None = None) -> None:
-        """Close ``epoch``: weight statistics and the EMA difference, reduced on the device."""
+        """Close ``epoch``: weight statistics and the EMA difference, reduced on the device.
+
+        The epoch message always leaves (the collector closes epochs on it); summaries
+        that cannot be computed are left out of it, with one warning.
+        """
         if self._closed:
             self._after_close += 1
             return
         epoch = int(epoch)
         if epoch < 0:
-            raise ValueError(f"log_epoch: epoch must be >= 0, got {epoch}")
+            raise BadArgument(f"log_epoch: epoch must be >= 0, got {epoch}")
         names: list[str] | None = None
         host = event = None
+        nw = ne = 0
         if model is not None:
-            params = self._params_of(model)
-            # After zero_grad(set_to_none) no gradient is left: the names of the norms
-            # that steps shipped via grad_norms= then label them.
-            names = [n for n, p in params if p.grad is not None] or self._pn_names
-            vec = reductions.weight_summary(params)
-            if ema_model is not None:
-                ema = reductions.named_params(reductions.unwrap(ema_model),
-                                              trainable_only=False)
-                vec = torch.cat([vec, reductions.ema_summary(params, ema)])
-            host, event = reductions.to_host(vec)
+            try:
+                params = self._params_of(model)
+                # the columns of the norms its steps shipped (after zero_grad no gradient is
+                # left to name them): from model= or from grad_norms=
+                names = self._norm_names.get(id(model)) or self._pn_names
+                w = reductions.weight_summary(params)
+                e = None
+                if ema_model is not None:
+                    ema = reductions.named_params(reductions.unwrap(ema_model),
+                                                  trainable_only=False)
+                    e = reductions.ema_summary(params, ema)
+                nw, ne = (_NW if w is not None else 0), (_NE if e is not None else 0)
+                vecs = [v for v in (w, e) if v is not None]
+                if vecs:
+                    dev = vecs[0].device
+                    host, event = reductions.to_host(torch.cat([v.to(dev) for v in vecs]))
+            except Exception as exc:
+                self._warn_once("log_epoch", "trainwatch: log_epoch could not summarise the "
+                                "weights (%s: %s); the epoch is sent without them",
+                                type(exc).__name__, exc)
+                host = event = None
+                nw = ne = 0
 
         def build(h: torch.Tensor | None) -> tuple:
             v = h.tolist() if h is not None else []
-            body = {"weights": v[:_NW] or None, "ema": v[_NW:_NW + _NE] or None,
+            body = {"weights": v[:nw] or None, "ema": v[nw:nw + ne] or None,
                     "param_names": names}
             return body, []
 
@@ -279,25 +321,39 @@ class TrainerClient:
         self._epoch = epoch + 1
 
     def log_validation(self, epoch: int, samples: torch.Tensor,
-                       channel_names: Sequence[str] | None = None) -> None:
-        """Generated samples (normalised, last dim = channels), shipped raw in their dtype.
+                       channel_names: Sequence[str] | None = None,
+                       channel_dim: int = -1) -> None:
+        """Generated samples (normalised), shipped raw in their dtype.
 
-        Call it before ``log_epoch(epoch)`` so the samples land in that epoch's record.
+        ``channel_dim`` holds the channels (-1: the last; 1 for images in NCHW): it is moved
+        last on the device. Call it before ``log_epoch(epoch)`` so the samples land in that
+        epoch's record.
         """
         if self._closed:
             self._after_close += 1
             return
-        dtype = _dtype_name(samples)
+        dtype = dtype_name(samples)
         names = [str(c) for c in channel_names] if channel_names is not None else None
-        if names is not None and (samples.ndim < 1 or samples.shape[-1] != len(names)):
-            raise ValueError(f"samples' last dim {tuple(samples.shape)} != {len(names)} names")
-        host, event = reductions.to_host(samples.detach().contiguous())
+        dim = channel_axis(samples, channel_dim, None if names is None else len(names),
+                           "log_validation", "samples")
+        try:
+            x = samples.detach()
+            if dim != x.ndim - 1:
+                x = x.movedim(dim, -1)
+            host, event = reductions.to_host(x.contiguous())
+        except Exception as exc:
+            self._failed("log_validation", exc)
+            return
         body = {"channels": names, "epoch": int(epoch)}
-        self._enqueue(wire.KIND_VALIDATION, lambda h: (body, [_raw(h, "samples", dtype)]),
+        self._enqueue(wire.KIND_VALIDATION, lambda h: (body, [raw(h, "samples", dtype)]),
                       host, event, host.numel() * host.element_size(), epoch=int(epoch))
 
     def close(self, timeout: float = 5.0) -> None:
-        """Send what can be sent within ``timeout`` seconds, then say goodbye. Always returns."""
+        """Send what can be sent within ``timeout`` seconds, then say goodbye. Always returns.
+
+        With no collector ever connected it returns at once (what was queued is counted as
+        ``no_peer``); a local collector is waited for, it may still be starting.
+        """
         with self._lock:
             if self._closed:
                 return
@@ -343,114 +399,27 @@ class TrainerClient:
 
     def _final_stats(self) -> dict[str, int]:
         s = self._sender
-        return {"sent": s.sent + 1, **s.drops}
+        return {"handed_to_socket": s.handed_to_socket + 1, **s.drops}
+
+    def _failed(self, call: str, exc: BaseException) -> None:
+        """A log_* call whose device work raised: dropped and counted, logged once a call."""
+        with self._lock:
+            next(self._seq)  # its number is spent: the collector sees a reported gap
+            self._sender.count_failed()
+        self._warn_once(call, "trainwatch: %s failed and was dropped (%s: %s); training goes "
+                        "on (stats: log_failed)", call, type(exc).__name__, exc)
+
+    def _warn_once(self, key: str, msg: str, *args: Any) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            _log.warning(msg, *args)
 
     def _forked(self) -> None:
         self._closed = True
         self._pid = -1
 
 
-def _versions(*values: Any) -> list[int]:
-    out = []
-    for v in values:
-        if isinstance(v, dict):
-            out += _versions(*v.values())
-        elif isinstance(v, torch.Tensor):
-            out.append(v._version)
-    return out
-
-
-def _host_step(h: tuple) -> tuple:
-    """A step's wire body from host values (sender thread); see ``log_step``."""
-    loss, comps, grad_norm, lr, versions = h
-    if _versions(loss, comps, grad_norm, lr) != versions:
-        raise reductions.MutatedError("a logged tensor was changed in place before it was sent")
-    try:
-        body = [_float(loss), None if grad_norm is None else _float(grad_norm),
-                [str(k) for k in comps], [_float(v) for v in comps.values()],
-                None if lr is None else _float(lr)]
-    except (TypeError, ValueError, RuntimeError) as exc:
-        raise ValueError(f"log_step takes scalars (tensors of one element or floats): {exc}"
-                         ) from None
-    return body, []
-
-
-def _float(v: Any) -> float:
-    return float(v.detach()) if isinstance(v, torch.Tensor) else float(v)
-
-
-class _StepVector(NamedTuple):
-    """Where a step's values sit in the device vector the sender reads back:
-    ``[loss?, tensor terms..., grad_norm?, lr?, param norms...]``; values given as
-    floats travel beside it."""
-
-    loss: float | None  # the loss when given as a float; else the vector's first value
-    tensor_names: list[str]
-    float_names: list[str]
-    float_values: list[float]
-    has_grad_norm: bool  # in the vector
-    grad_norm: float | None  # given as a float
-    has_lr: bool
-    lr: float | None
-    n_scalars: int  # values before the param norms
-    has_param_norms: bool
-
-    def body(self, h: torch.Tensor | None) -> tuple:
-        """The step's wire body from the host copy of the vector (sender thread)."""
-        head = h[:self.n_scalars].tolist() if h is not None else []
-        at = 0 if self.loss is not None else 1
-        loss = self.loss if self.loss is not None else head[0]
-        terms = head[at:at + len(self.tensor_names)]
-        at += len(self.tensor_names)
-        gn = head[at] if self.has_grad_norm else self.grad_norm
-        at += self.has_grad_norm
-        lr = head[at] if self.has_lr else self.lr
-        body = [loss, gn, self.tensor_names + self.float_names, terms + self.float_values, lr]
-        pn = [_raw(h[self.n_scalars:], "param_norms", "float32")] if self.has_param_norms else []
-        return body, pn
-
-
-def _scalar(t: torch.Tensor, name: str) -> torch.Tensor:
-    """``t`` as a 0-d tensor (metadata only, no device work), or a clear error."""
-    if t.dim() == 0:
-        return t
-    if t.numel() != 1:
-        raise ValueError(f"log_step: {name} must be a scalar, got shape {tuple(t.shape)}")
-    return t.reshape(())
-
-
 _NW, _NE = len(wire.WEIGHT_FIELDS), len(wire.EMA_FIELDS)  # the epoch vector's two parts
-
-
-def _dtype_name(t: torch.Tensor) -> str:
-    name = str(t.dtype).removeprefix("torch.")
-    if name not in wire.FLOAT_DTYPES:
-        raise TypeError(f"trainwatch ships float16/bfloat16/float32/float64 tensors, not {t.dtype}")
-    return name
-
-
-def _const(v: Any, n: int, what: str) -> bytes | None:
-    """Normalisation constants as float64 bytes (host values: they are set once, up front)."""
-    if v is None:
-        return None
-    # float64 from the start: Python floats would otherwise pass through float32.
-    t = torch.as_tensor(v, dtype=torch.float64).detach().to("cpu").reshape(-1)
-    if t.numel() != n:
-        raise ValueError(f"log_data_stats: {what} has {t.numel()} values for {n} channels")
-    return t.numpy().tobytes()
-
-
-def _plain(v: Any) -> Any:
-    """A config value msgpack can carry: numbers, strings, bools, lists, dicts; else str()."""
-    if v is None or isinstance(v, (bool, int, float, str)):
-        return v
-    if isinstance(v, (list, tuple)):
-        return [_plain(x) for x in v]
-    if isinstance(v, Mapping):
-        return {str(k): _plain(x) for k, x in v.items()}
-    if isinstance(v, torch.Tensor) and v.numel() == 1 and v.device.type == "cpu":
-        return v.item()
-    return str(v)
 
 
 def _load_curve(folder: str | None) -> dict[str, bytes] | None:

@@ -7,14 +7,54 @@ rank of a job without the ranks talking to each other, so it comes from the laun
 from __future__ import annotations
 
 import os
+import re
 import socket
 import time
 
 DEFAULT_ENDPOINT = "tcp://127.0.0.1:5555"
+ENDPOINT_FORMS = "tcp://host:port (e.g. tcp://127.0.0.1:5555) or ipc://path (e.g. ipc:///tmp/tw.sock)"
+_IPC_PATH_MAX = 107  # a Unix socket path: sun_path holds 108 bytes with the NUL
+_TCP = re.compile(r"tcp://(\[[0-9A-Fa-f:.]+\]|[^\s:/\[\]*;]+):(\d{1,5})")
 
 
 def resolve_endpoint(endpoint: str | None) -> str:
-    return endpoint or os.environ.get("TRAINWATCH_ENDPOINT") or DEFAULT_ENDPOINT
+    """Argument, else TRAINWATCH_ENDPOINT, else the default; a malformed one is a ValueError
+    that names where it came from (ZeroMQ would only fail later, on the sender thread)."""
+    source = "endpoint"
+    if not endpoint:
+        endpoint, source = os.environ.get("TRAINWATCH_ENDPOINT"), "TRAINWATCH_ENDPOINT"
+    if not endpoint:
+        return DEFAULT_ENDPOINT
+    check_endpoint(endpoint, source)
+    return endpoint
+
+
+def check_endpoint(endpoint: str, source: str) -> None:
+    """Raise ValueError unless ``endpoint`` is tcp://host:port or ipc://path."""
+    why = _endpoint_problem(endpoint)
+    if why:
+        raise ValueError(f"trainwatch: {source}={endpoint!r} is not a collector endpoint "
+                         f"({why}); expected {ENDPOINT_FORMS}")
+
+
+def _endpoint_problem(ep: str) -> str | None:
+    if not isinstance(ep, str):
+        return f"a {type(ep).__name__}, not a string"
+    if ep.startswith("ipc://"):
+        path = ep[len("ipc://"):]
+        if not path or any(c.isspace() for c in path):
+            return "an empty path or one with spaces"
+        if len(path.encode()) > _IPC_PATH_MAX:
+            return f"the path is longer than a Unix socket's {_IPC_PATH_MAX} bytes"
+        return None
+    if ep.startswith("tcp://"):
+        m = _TCP.fullmatch(ep)
+        if m is None:
+            return "tcp:// takes host:port, a numeric port, no wildcard or spaces"
+        if not 1 <= int(m.group(2)) <= 65535:
+            return "the port must be 1-65535"
+        return None
+    return "no tcp:// or ipc:// scheme"
 
 
 def resolve_run(run: str | None) -> str:

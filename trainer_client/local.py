@@ -2,15 +2,21 @@
 
 ``TrainerClient(local_collector="trainwatch-out")`` starts ``trainwatch collect`` as a
 child process on an ipc socket in that folder (recording, JSONL and the offline wandb run
-land there too) and waits for it, bounded, at ``close()``. One line adds monitoring.
+land there too) and waits for it, bounded, at ``close()``, then removes the socket file.
+One line adds monitoring.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+import stat
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
+
+from .identity import _IPC_PATH_MAX
 
 
 class LocalCollector:
@@ -18,7 +24,12 @@ class LocalCollector:
         self.folder = Path(folder).resolve()
         self.folder.mkdir(parents=True, exist_ok=True)
         safe = "".join(c if c.isalnum() or c in "-_." else "-" for c in run)
-        self.endpoint = f"ipc://{self.folder / (safe + '.sock')}"
+        self.socket = self.folder / (safe + ".sock")
+        if len(str(self.socket).encode()) > _IPC_PATH_MAX:
+            # A Unix socket path has 107 bytes: a deep folder gets its socket in /tmp.
+            tag = hashlib.sha1(str(self.socket).encode()).hexdigest()[:16]
+            self.socket = Path(tempfile.gettempdir()) / f"trainwatch-{tag}.sock"
+        self.endpoint = f"ipc://{self.socket}"
         self.recording = self.folder / f"{safe}.twrec"
         self.jsonl = self.folder / f"{safe}.jsonl"
         self.log = self.folder / f"{safe}.collector.log"
@@ -33,10 +44,32 @@ class LocalCollector:
                                          env=dict(os.environ))
 
     def wait(self, timeout_s: float) -> bool:
-        """Let the collector finish the run; True if it exited in time."""
+        """Let the collector finish the run; True if it exited in time. The socket file
+        goes either way."""
         try:
             self.proc.wait(timeout_s)
             return True
         except subprocess.TimeoutExpired:
-            self.proc.terminate()
+            self.stop()
             return False
+        finally:
+            self._unlink_socket()
+
+    def stop(self) -> None:
+        """Terminate the collector (bounded) and remove its socket file."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10.0)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10.0)
+        self._unlink_socket()
+
+    def _unlink_socket(self) -> None:
+        # Only a socket: never a file someone put at that path.
+        try:
+            if stat.S_ISSOCK(os.lstat(self.socket).st_mode):
+                os.unlink(self.socket)
+        except FileNotFoundError:
+            pass

@@ -16,6 +16,7 @@ from trainer_client.wire.types import (
     KIND_STEP,
     KIND_VALIDATION,
     MAX_DIMS,
+    U63,
     WEIGHT_FIELDS,
     DecodeError,
     Tensor,
@@ -91,6 +92,12 @@ def _check_data(body: Any, tensors: dict, run: str) -> dict:
     shape = tensors["chunk"].shape
     if not shape or shape[-1] != len(channels):
         raise DecodeError("size_mismatch", "data chunk's last dim != channels", run)
+    # Optional (chunk 0): how many rows the data had, how many of them were sent.
+    rows_total, rows_sent = body.get("rows_total"), body.get("rows_sent")
+    if (rows_total is not None or rows_sent is not None) and not (
+            type(rows_total) is int and type(rows_sent) is int
+            and 0 <= rows_sent <= rows_total < U63):
+        raise DecodeError("bad_body", "data rows_total/rows_sent", run)
     for const in ("mean", "std"):
         t = tensors.get(const)
         if t is not None and t.dtype != "float64":
