@@ -59,12 +59,14 @@ def _profile(args: argparse.Namespace) -> Profile:
 
 def cmd_collect(args: argparse.Namespace) -> int:
     """The one place the live parts are wired together: sinks, recorder, view, server."""
+    from collector.ingest.binds import check_binds
     from collector.ingest.pipeline import Pipeline
-    from collector.ingest.server import Collector, check_binds
+    from collector.ingest.server import Collector
     from collector.recording.writer import NullRecorder, RecordWriter
     from collector.report.liveview import NullView, make_view
 
-    check_binds(args.bind, bool(args.curve_keys), args.insecure)
+    # Refused before the recording is touched; the server checks again and warns.
+    check_binds(args.bind, bool(args.curve_keys), args.insecure, warn=False)
     profile = _profile(args)
     pipe = Pipeline(profile, FanOut(_sinks(args, profile, None)),
                     recorder=RecordWriter(args.record) if args.record else NullRecorder(),
@@ -77,7 +79,8 @@ def cmd_collect(args: argparse.Namespace) -> int:
                 "continuing %s: state rebuilt from %d records", path, n)
     view = NullView() if args.no_view else make_view(sys.stdout)
     collector = Collector(args.bind, pipe, curve_keys=args.curve_keys, once=args.once,
-                          quiet_s=args.quiet, view=view, max_msg_bytes=args.max_msg_mb << 20)
+                          quiet_s=args.quiet, view=view, max_msg_bytes=args.max_msg_mb << 20,
+                          insecure=args.insecure)
     return collector.serve()
 
 
@@ -128,8 +131,8 @@ def cmd_keys(args: argparse.Namespace) -> int:
 
 
 def cmd_forward(args: argparse.Namespace) -> int:
+    from collector.ingest.binds import check_binds
     from collector.ingest.forward import forward
-    from collector.ingest.server import check_binds
 
     check_binds([args.bind], False, args.insecure)
     forward(args.bind, args.connect, args.curve_keys)

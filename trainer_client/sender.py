@@ -130,6 +130,8 @@ class Sender:
             sock.curve_secretkey = self._curve["secret"]
             sock.curve_publickey = self._curve["public"]
             sock.curve_serverkey = self._curve["server"]
+        if _ipv6_host(self.endpoint):
+            sock.setsockopt(zmq.IPV6, 1)  # else libzmq cannot even resolve tcp://[::1]:P
         sock.connect(self.endpoint)
         return sock
 
@@ -217,3 +219,11 @@ class Sender:
     def _sender_dropped(self) -> int:
         d = self.drops
         return d["send_failed"] + d["closed"] + d["build_failed"] + d["mutated"]
+
+
+def _ipv6_host(endpoint: str) -> bool:
+    """A tcp endpoint whose host is an IPv6 address: the host precedes the port's ':',
+    after any source address (``src;host:port``), as libzmq reads it."""
+    if not endpoint.startswith("tcp://"):
+        return False
+    return ":" in endpoint[6:].rpartition(";")[2].rpartition(":")[0]
