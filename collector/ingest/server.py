@@ -167,8 +167,8 @@ class Collector:
             return
         self._unrecorded_told = (rec.unrecorded, now)
         _log.log(logging.WARNING if rec.unrecorded else logging.INFO,
-                 "recording %s%s: %d records written, unrecorded %d%s", rec.path,
-                 " closed" if final else "", rec.recorded, rec.unrecorded,
+                 "recording %s%s: %d records written, unrecorded %d (of %d)%s", rec.path,
+                 " closed" if final else "", rec.recorded, rec.unrecorded, rec.appended,
                  f" ({rec.error})" if rec.error else "")
 
     def status(self) -> dict:
