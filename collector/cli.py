@@ -74,9 +74,13 @@ def cmd_collect(args: argparse.Namespace) -> int:
     if args.record:
         path = Path(args.record)
         if path.exists() and path.stat().st_size > 0:
-            n = pipe.rebuild(path)
-            logging.getLogger("trainwatch.collector").info(
-                "continuing %s: state rebuilt from %d records", path, n)
+            from collector.recording.reader import ReadStats
+
+            st = ReadStats()
+            pipe.rebuild(path, st)
+            logging.getLogger("trainwatch.collector").log(
+                logging.WARNING if st.skipped or st.corrupted else logging.INFO,
+                "continuing %s: state rebuilt from %s", path, st.summary())
     view = NullView() if args.no_view else make_view(sys.stdout)
     collector = Collector(args.bind, pipe, curve_keys=args.curve_keys, once=args.once,
                           quiet_s=args.quiet, view=view, max_msg_bytes=args.max_msg_mb << 20,
@@ -90,9 +94,8 @@ def cmd_replay(args: argparse.Namespace, default_wandb: str = "disabled") -> int
     profile = _profile(args)
     sinks = FanOut(_sinks(args, profile, default_wandb, replaying=True))
     pipe, st = replay(args.recording, profile, sinks)
-    print(f"replayed {st.records} records ({pipe.accepted} messages, "
-          f"{sum(pipe.rejected.values())} rejected, {st.corrupted} corrupted, "
-          f"{st.truncated_bytes} truncated bytes) -> {pipe.records_out} output records",
+    print(f"replayed {st.summary()} ({pipe.accepted} messages, "
+          f"{sum(pipe.rejected.values())} rejected) -> {pipe.records_out} output records",
           file=sys.stderr)
     return 0
 
@@ -116,9 +119,9 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     profile = _profile(args)
     mem = MemorySink()
-    pipe, _ = replay(args.recording, profile, mem)
+    pipe, st = replay(args.recording, profile, mem)
     write_report(mem.json(), args.output, profile, ranks=pipe.state.rank_table())
-    print(f"wrote {args.output}", file=sys.stderr)
+    print(f"wrote {args.output} from {st.summary()}", file=sys.stderr)
     return 0
 
 

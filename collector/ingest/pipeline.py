@@ -41,6 +41,7 @@ from collector.ingest.facts import (
 )
 from collector.ingest.state import State, Stream
 from collector.ingest.stepscan import COUNT, SEQ, Steps, admit, group_rows, parse_steps
+from collector.recording import controls
 from collector.recording.format import CONTROL, MESSAGE
 from collector.recording.reader import ReadStats, frames_of, open_recording, scan
 from collector.recording.writer import NullRecorder, Recorder
@@ -314,24 +315,23 @@ class Pipeline:
                 a = k + 1
         return st
 
-    def rebuild(self, path: str | Path) -> int:
+    def rebuild(self, path: str | Path, stats: ReadStats | None = None) -> int:
         """Bring the state back from an earlier session's recording: nothing is recorded
-        again and nothing reaches the sink. Returns the records read."""
+        again and nothing reaches the sink. Returns the records read (``stats``: all the
+        counts, skipped records included)."""
         recorder, sink = self.recorder, self.sink
         self.recorder, self.sink = NullRecorder(), NullSink()
         try:
-            return self.feed_recording(path).records
+            return self.feed_recording(path, stats).records
         finally:
             self.recorder, self.sink = recorder, sink
 
     def _replay_control(self, frames: list, st: ReadStats) -> None:
-        try:
-            ctl = msgpack.unpackb(frames[0])
-        except Exception:
-            st.corrupted += 1
+        ctl = controls.parse(frames)  # checked like a message off the wire
+        if ctl is None:
+            st.bad_controls += 1
             return
-        if isinstance(ctl, dict):
-            self.control(ctl, record=False)
+        self.control(ctl.as_dict(), record=False)
 
     def finish(self, timeout_s: float = 30.0) -> None:
         """Close what is open: summaries for unfinished runs, then the recording and sinks."""
