@@ -223,10 +223,14 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from collector.text import SafeFormatter
+
     args = parser().parse_args(argv)
+    # Every line one line: whatever a message quotes from a sender is escaped (collector.text).
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(SafeFormatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s",
-                        stream=sys.stderr)
+                        handlers=[handler])
     try:
         return int(args.func(args) or 0)
     except (OSError, ValueError, RuntimeError) as exc:  # bad paths, files, settings

@@ -6,8 +6,9 @@ A run id, a host name or a config value comes from whoever can reach the collect
 a newline in one forges a log line, a NUL or an escape sequence garbles a terminal, and a
 bidi override (U+202E) makes a line read backwards. ``printable`` escapes every character
 Python does not call printable (controls, format characters such as bidi and zero-width
-marks, line and paragraph separators, unassigned code points) as ``\\xNN``, ``\\uNNNN``
-or ``\\UNNNNNNNN``, and doubles a backslash, so the escaped form reads back unambiguously.
+marks, line and paragraph separators, unassigned code points) as ``\\n``, ``\\r``,
+``\\t``, ``\\xNN``, ``\\uNNNN`` or ``\\UNNNNNNNN``, and doubles a backslash, so the
+escaped form reads back unambiguously.
 """
 
 from __future__ import annotations
@@ -17,7 +18,12 @@ import logging
 __all__ = ["SafeFormatter", "printable"]
 
 
+_SHORT = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
 def _escape(c: str) -> str:
+    if c in _SHORT:
+        return _SHORT[c]
     o = ord(c)
     return f"\\x{o:02x}" if o < 0x100 else f"\\u{o:04x}" if o < 0x10000 else f"\\U{o:08x}"
 

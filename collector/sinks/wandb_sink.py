@@ -45,6 +45,7 @@ from collector.records import (
     RunRecord,
     SummaryRecord,
 )
+from collector.text import printable
 
 __all__ = ["EVENT_COLUMNS", "WandbSink", "resolve_mode", "wandb_run_id"]
 
@@ -292,7 +293,7 @@ class WandbSink:
             resume="allow" if reopen else None,
             dir=None if self.dir is None else str(self.dir), settings=wandb.Settings(**options))
         where = run.url if self.mode == "online" else run.dir  # offline .url only warns
-        _log.info("wandb run %s (%s): %s", run_id, self.mode, where)
+        _log.info("wandb run %s (%s): %s", printable(run_id), self.mode, printable(where))
         return run
 
     # --- one handler per record type ----------------------------------------------------
