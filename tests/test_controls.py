@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import hostile
 import msgpack
 import pytest
 from conftest import CollectorProc, env, finish, start_trainer
@@ -19,80 +20,23 @@ from support.wandb_readback import find_offline_runs, read_offline_run
 from collector.analysis.profile import load_profile
 from collector.ingest.pipeline import Pipeline
 from collector.recording import controls
-from collector.recording.format import CONTROL, MAGIC, MESSAGE, pack_record
+from collector.recording.format import pack_record
 from collector.recording.inspect import inspect_recording
 from collector.recording.reader import ReadStats
 from collector.sinks.jsonl import MemorySink
-from trainer_client import wire
 
 RUN = "crafted"
-# Each crashed inspect, replay, report, upload or a rebuild before (AttributeError,
-# TypeError, KeyError, IndexError), or would have reached the state unchecked.
-CRAFTED: list[object] = [
-    {"op": "rejects", "counts": 5},
-    {"op": "rejects", "counts": {RUN: 5}},
-    {"op": "rejects", "counts": {RUN: {"bad_kind": "many"}}},
-    {"op": "rejects", "counts": {RUN: {"bad_kind": -3}}},
-    {"op": "rejects", "counts": {RUN: {"bad_kind": True}}},
-    {"op": "rejects", "counts": {RUN: {"": 1}}},
-    {"op": "rejects", "counts": {RUN: {"bad_kind": 1 << 63}}},
-    {"op": "rejects"},
-    {"op": "close_epoch", "run": RUN},
-    {"op": "close_epoch", "run": [RUN], "epoch": 1, "missing": []},
-    {"op": "close_epoch", "run": RUN, "epoch": [1], "missing": []},
-    {"op": "close_epoch", "run": RUN, "epoch": 1.0, "missing": []},
-    {"op": "close_epoch", "run": RUN, "epoch": -1, "missing": []},
-    {"op": "close_epoch", "run": RUN, "epoch": 1, "missing": "all"},
-    {"op": "close_epoch", "run": RUN, "epoch": 1, "missing": [[3, 1]]},
-    {"op": "close_epoch", "run": RUN, "epoch": 1, "missing": [wire.MAX_WORLD]},
-    {"op": "close_epoch", "run": "x" * (wire.MAX_RUN_LEN + 1), "epoch": 1, "missing": []},
-    {"op": "finish_run"},
-    {"op": "finish_run", "run": {"a": 1}},
-    {"op": "finish_run", "run": RUN, "and": "more"},
-    {"op": "evict_everything", "run": RUN},
-    {"op": ["rejects"], "counts": {}},
-    {b"op": "finish_run", b"run": RUN},
-    [1, 2, 3], "rejects", None, 7,
-]
-RAW = [[b"\xc1"], [], [msgpack.packb({"op": "finish_run", "run": RUN})] * 2,
-       [msgpack.packb({"op": "finish_run"}) + b"trailing"]]
-
-
-def _msg(kind: int, seq: int, body: object, epoch: int = 0, step: int = 0) -> list[bytes]:
-    h = wire.Header(kind, RUN, 0, 1, 77, seq, step, epoch, 1.7e9 + seq, 0, body)
-    return [bytes(f) for f in wire.encode(h, [])]
-
-
-def _session() -> list[list[bytes]]:
-    """A short real run: hello, 3 epochs of 12 steps, goodbye."""
-    out, seq = [_msg(wire.KIND_HELLO, 0, {"host": "h", "pid": 1})], 1
-    for epoch in range(1, 4):
-        for s in range(12):
-            loss = 1.0 / (epoch * 12 + s)
-            out.append(_msg(wire.KIND_STEP, seq, [loss, 0.5, ["a", "b"], [loss, 0.1]],
-                            epoch, (epoch - 1) * 12 + s))
-            seq += 1
-        out.append(_msg(wire.KIND_EPOCH, seq, {}, epoch))
-        seq += 1
-    out.append(_msg(wire.KIND_BYE, seq, {}, 3))
-    return out
+CRAFTED = hostile.crafted_control_bodies(RUN)
+ALL = hostile.crafted_controls(RUN)
+RAW = ALL[len(CRAFTED):]  # frames that are no control at all
 
 
 def _write(path: Path, crafted: list[list[bytes]], every: int = 1) -> Path:
-    """The session's messages with the crafted control frames in between them."""
-    recs = [MAGIC]
-    left = list(crafted)
-    for i, frames in enumerate(_session()):
-        recs.append(pack_record(MESSAGE, frames))
-        if i and i % every == 0 and left and i < 40:  # after the hello, before the bye
-            recs.append(pack_record(CONTROL, left.pop(0)))
-    recs += [pack_record(CONTROL, f) for f in left]
-    path.write_bytes(b"".join(recs))
-    return path
+    return hostile.write_recording(path, RUN, crafted, every)
 
 
 def _all_crafted() -> list[list[bytes]]:
-    return [[msgpack.packb(c)] for c in CRAFTED] + RAW
+    return ALL
 
 
 def _replay(path: Path) -> tuple[list[dict], ReadStats]:

@@ -10,6 +10,7 @@ import time
 import unicodedata
 
 import harness
+import hostile
 import msgpack
 import zmq
 from hypothesis import given
@@ -21,12 +22,8 @@ from collector.sinks.console import EventLogSink
 from collector.text import SafeFormatter, printable
 from trainer_client import wire
 
-FORGED = "\n2026-01-01 00:00:00,000 trainwatch.health WARNING [victim] epoch 1 forged: lies"
-NASTY = [
-    "run" + FORGED, "a\rb", "nul\x00byte", "esc\x1b[2J\x1b[31mred", "tab\there",
-    "rtl\u202eexe.txt", "iso\u2066late\u2069", "zw\u200bsp", "line\u2028sep", "bom\ufeff",
-    "back\\slash", "del\x7f", "c1\x85next",
-]
+FORGED = hostile.FORGED_LINE
+NASTY = hostile.HOSTILE_RUN_IDS
 BIDI = set("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
 
 
