@@ -156,3 +156,15 @@ def _collector_on_a_filling_disk(tmp_path: Path, disk: Path | None) -> None:
     summary = recs[-1]
     assert summary["type"] == "summary"
     assert summary["metrics"]["summary/seq_gaps"] == dropped == 0
+
+
+def test_a_cut_record_the_writer_could_not_trim_is_skipped_by_readers(tmp_path):
+    """Trimming is the first line; if it fails too, the reader's resync is the second."""
+    from collector.recording.format import MAGIC, pack_record
+
+    recs = [pack_record(MESSAGE, [_payload(i, 400 + 40 * i)]) for i in range(6)]
+    for cut in (13, len(recs[2]) // 2, len(recs[2]) - 1):  # in the head, the body, the end
+        path = tmp_path / f"cut{cut}.twrec"
+        path.write_bytes(MAGIC + recs[0] + recs[1] + recs[2][:cut] + b"".join(recs[3:]))
+        ids, st = _read_back(path)
+        assert ids == [0, 1, 3, 4, 5] and st.corrupted == 1, (cut, ids, st)
