@@ -14,15 +14,18 @@ a process that outlives its limit is killed (only the processes started here).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import resource
 import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -57,8 +60,10 @@ class CollectorProc:
     """
 
     def __init__(self, tmp: Path, endpoint: str, *extra: str, name: str = "c",
-                 record: str | Path | None = None, view: bool = False) -> None:
+                 record: str | Path | None = None, view: bool = False,
+                 file_size_limit: int | None = None) -> None:
         self.tmp = Path(tmp)
+        self.file_size_limit = file_size_limit  # RLIMIT_FSIZE: writes past it fail (EFBIG)
         self.endpoint = endpoint
         self.record = Path(record) if record is not None else self.tmp / f"{name}.twrec"
         self.jsonl = self.tmp / f"{name}.jsonl"
@@ -76,8 +81,11 @@ class CollectorProc:
 
     def start(self, timeout_s: float = 60.0) -> CollectorProc:
         with open(self.log, "ab") as err, open(self.out, "ab") as out:
-            self.proc = subprocess.Popen(self.args, stdout=out, stderr=err, env=child_env(),
-                                         cwd=self.tmp)
+            limit = self.file_size_limit
+            self.proc = subprocess.Popen(
+                self.args, stdout=out, stderr=err, env=child_env(), cwd=self.tmp,
+                preexec_fn=None if limit is None else lambda: resource.setrlimit(
+                    resource.RLIMIT_FSIZE, (limit, limit)))
         self.ready(timeout_s)
         return self
 
@@ -121,6 +129,25 @@ class CollectorProc:
             return []
         whole = self.jsonl.read_text().rpartition("\n")[0]
         return [json.loads(line) for line in whole.splitlines() if line]
+
+
+@contextlib.contextmanager
+def small_disk(where: Path, size_bytes: int) -> Iterator[Path | None]:
+    """A real filesystem of ``size_bytes`` (a tmpfs) mounted at ``where``, or None where
+    mounting is not allowed (no root); unmounted on the way out."""
+    where.mkdir(parents=True, exist_ok=True)
+    try:
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_bytes}", "tmpfs",
+                            str(where)], capture_output=True, timeout=30)
+    except OSError:  # no mount(8)
+        r = None
+    if r is None or r.returncode != 0:
+        yield None
+        return
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], capture_output=True, timeout=30)
 
 
 def rss_kb(pid: int) -> int | None:

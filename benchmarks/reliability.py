@@ -17,6 +17,12 @@ Checks, each bounded in time (the whole run takes a few minutes on 2 cores):
   collector - every message rejected for the reason it deserves, the counts in the
   recording (``rejected_live``) and the run's ``summary/rejected`` exact, NaN/Inf losses
   accepted as data and reported by the rules, and the collector still standing;
+- attacks, each with a real training rank beside it that must lose nothing
+  (benchmarks/attacks.py): the bind guard's source-address bypass and other exposed
+  forms refused in one line (nothing listens); a disk that fills mid-run (a small tmpfs)
+  with exact accounting against what ``inspect`` reads back; a restart on a recording of
+  crafted CONTROL records, skipped and counted by every command; run ids that try to
+  forge log lines, escaped in the log and on the board;
 - messages lost: over every check where the collector stayed up, sequence gaps against
   the drops the clients reported.
 
@@ -41,7 +47,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import harness  # noqa: E402 - the benchmarks folder is not a package
+import attacks  # noqa: E402 - the benchmarks folder is not a package
+import harness  # noqa: E402
 import junk  # noqa: E402
 import soak  # noqa: E402
 
@@ -311,6 +318,10 @@ CHECKS: list[tuple[str, Callable[[Path, Check], None]]] = [
     ("fault: recording disk full", check_disk_full),
     ("fault: forked DataLoader workers", check_forked_workers),
     ("bad inputs rejected", check_bad_inputs),
+    ("attack: bind guard bypass", attacks.check_bind_bypass),
+    ("attack: disk fills mid-run", attacks.check_disk_fills),
+    ("attack: crafted CONTROL records", attacks.check_crafted_controls),
+    ("attack: log injection by run id", attacks.check_log_injection),
 ]
 
 

@@ -10,6 +10,9 @@
 3. Replay rate of the recording made in 2 (one core).
 4. numba kernels vs numpy: moments of 1e7 values, and the sample-diversity figures
    (min and median of the repeats of each).
+5. One job of 10, 100 and 1,000 simulated ranks against a real collector at one rate
+   (benchmarks/bench_ranks.py): messages/s, collector CPU per message, RSS per rank,
+   epoch-close latency; CPU per message must stay flat from 10 to 1,000 ranks.
 
 Prints a table and writes ``bench-results.json`` in the current folder.
 """
@@ -32,7 +35,11 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 TARGETS = {"client_added_pct": ("<=", 2.0), "sync_wandb_over_client": (">=", 20.0),
            "collector_over_bare_zmq": (">=", 0.7), "replay_msgs_per_s": (">=", 300_000.0),
            "kernel_over_numpy": (">=", 5.0), "diversity_std_kernel_over_numpy": (">=", 5.0),
-           "duplicate_pairs_kernel_over_numpy": (">=", 5.0), "w1_kernel_over_numpy": (">=", 5.0)}
+           "duplicate_pairs_kernel_over_numpy": (">=", 5.0), "w1_kernel_over_numpy": (">=", 5.0),
+           # cost per message flat from 10 to 1,000 ranks; memory per rank beyond held data
+           "ranks_cpu_per_msg_1000_over_10": ("<=", 1.5),
+           "ranks_rss_kb_per_rank_100_to_1000": ("<=", 100.0),
+           "ranks_1000_rss_kb_per_rank": ("<=", 100.0)}
 
 
 # -- 1. the training thread ----------------------------------------------------------------
@@ -262,6 +269,10 @@ def main() -> int:
     from bench_kernels import bench_kernels
 
     results.update(bench_kernels())
+    print("1,000 ranks ...", flush=True)
+    from bench_ranks import bench_ranks
+
+    results.update(bench_ranks())
     results["machine"] = {"cpus": os.cpu_count(), "python": sys.version.split()[0]}
     Path("bench-results.json").write_text(json.dumps(results, indent=2, sort_keys=True))
     print(f"\n{'figure':<40} {'value':>14}  target")

@@ -66,14 +66,16 @@ def _profile(args: argparse.Namespace) -> Profile:
 
 def cmd_collect(args: argparse.Namespace) -> int:
     """The one place the live parts are wired together: sinks, recorder, view, server."""
+    from collector.ingest.binds import check_binds
     from collector.ingest.limits import Limits
     from collector.ingest.pipeline import Pipeline
-    from collector.ingest.server import Collector, check_binds
+    from collector.ingest.server import Collector
     from collector.recording.writer import NullRecorder, RecordWriter
     from collector.report.liveview import NullView, make_view
     from collector.sinks.console import EventLogSink
 
-    check_binds(args.bind, bool(args.curve_keys), args.insecure)
+    # Refused before the recording is touched; the server checks again and warns.
+    check_binds(args.bind, bool(args.curve_keys), args.insecure, warn=False)
     profile = _profile(args)
     earlier = Path(args.record) if args.record else None
     resume = earlier is not None and earlier.exists() and earlier.stat().st_size > 0
@@ -84,14 +86,19 @@ def cmd_collect(args: argparse.Namespace) -> int:
                     recorder=RecordWriter(args.record) if args.record else NullRecorder(),
                     epoch_timeout_s=args.epoch_timeout, limits=limits)
     if resume:
+        from collector.recording.reader import ReadStats
+
         # The outputs continue where the earlier session left them: each record once.
-        n = pipe.rebuild(earlier, FanOut(outputs))
-        logging.getLogger("trainwatch.collector").info(
-            "continuing %s: state and outputs rebuilt from %d records", earlier, n)
+        st = ReadStats()
+        pipe.rebuild(earlier, FanOut(outputs), st)
+        logging.getLogger("trainwatch.collector").log(
+            logging.WARNING if st.skipped or st.corrupted else logging.INFO,
+            "continuing %s: state and outputs rebuilt from %s", earlier, st.summary())
     pipe.control(limits.control())  # recorded: a replay accepts and drops what this does
     view = NullView() if args.no_view else make_view(sys.stdout)
     collector = Collector(args.bind, pipe, curve_keys=args.curve_keys, once=args.once,
-                          quiet_s=args.quiet, view=view, max_msg_bytes=args.max_msg_mb << 20)
+                          quiet_s=args.quiet, view=view, max_msg_bytes=args.max_msg_mb << 20,
+                          insecure=args.insecure)
     return collector.serve()
 
 
@@ -101,9 +108,8 @@ def cmd_replay(args: argparse.Namespace, default_wandb: str = "disabled") -> int
     profile = _profile(args)
     sinks = FanOut(_sinks(args, profile, default_wandb, replaying=True))
     pipe, st = replay(args.recording, profile, sinks)
-    print(f"replayed {st.records} records ({pipe.accepted} messages, "
-          f"{sum(pipe.rejected.values())} rejected, {st.corrupted} corrupted, "
-          f"{st.truncated_bytes} truncated bytes) -> {pipe.records_out} output records",
+    print(f"replayed {st.summary()} ({pipe.accepted} messages, "
+          f"{sum(pipe.rejected.values())} rejected) -> {pipe.records_out} output records",
           file=sys.stderr)
     return 0
 
@@ -127,9 +133,9 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     profile = _profile(args)
     mem = MemorySink()
-    pipe, _ = replay(args.recording, profile, mem)
+    pipe, st = replay(args.recording, profile, mem)
     write_report(mem.json(), args.output, profile, ranks=pipe.state.rank_table())
-    print(f"wrote {args.output}", file=sys.stderr)
+    print(f"wrote {args.output} from {st.summary()}", file=sys.stderr)
     return 0
 
 
@@ -142,8 +148,8 @@ def cmd_keys(args: argparse.Namespace) -> int:
 
 
 def cmd_forward(args: argparse.Namespace) -> int:
+    from collector.ingest.binds import check_binds
     from collector.ingest.forward import forward
-    from collector.ingest.server import check_binds
 
     check_binds([args.bind], False, args.insecure)
     forward(args.bind, args.connect, args.curve_keys)
@@ -248,10 +254,14 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from collector.text import SafeFormatter
+
     args = parser().parse_args(argv)
+    # Every line one line: whatever a message quotes from a sender is escaped (collector.text).
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(SafeFormatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s",
-                        stream=sys.stderr)
+                        handlers=[handler])
     try:
         return int(args.func(args) or 0)
     except (OSError, ValueError, RuntimeError) as exc:  # bad paths, files, settings

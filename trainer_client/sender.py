@@ -199,8 +199,8 @@ class Sender:
         sock.setsockopt(zmq.IMMEDIATE, 1)
         sock.setsockopt(zmq.RECONNECT_IVL, 100)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
-        if self.endpoint.startswith("tcp://["):
-            sock.setsockopt(zmq.IPV6, 1)  # else an IPv6 literal never resolves
+        if _ipv6_host(self.endpoint):
+            sock.setsockopt(zmq.IPV6, 1)  # else libzmq cannot even resolve tcp://[::1]:P
         if self._curve:
             sock.curve_secretkey = self._curve["secret"]
             sock.curve_publickey = self._curve["public"]
@@ -380,3 +380,11 @@ class Sender:
     def _sender_dropped(self) -> int:
         d = self.drops
         return sum(d[k] for k in _SENDER_SIDE)
+
+
+def _ipv6_host(endpoint: str) -> bool:
+    """A tcp endpoint whose host is an IPv6 address: the host precedes the port's ':',
+    after any source address (``src;host:port``), as libzmq reads it."""
+    if not endpoint.startswith("tcp://"):
+        return False
+    return ":" in endpoint[6:].rpartition(";")[2].rpartition(":")[0]

@@ -9,14 +9,24 @@ from __future__ import annotations
 
 import zmq
 
+from collector.ingest import binds
+
 
 def forward(bind: str, connect: str, curve_keys: str | None = None, hwm: int = 100_000
             ) -> None:
+    """Relay until interrupted; an endpoint that cannot be bound or connected is a
+    ``binds.BindError`` (one line), IPv6 ones (``tcp://[::1]:P``) included."""
     ctx = zmq.Context()
     front = ctx.socket(zmq.PULL)
     front.setsockopt(zmq.RCVHWM, hwm)
-    front.bind(bind)
     back = ctx.socket(zmq.PUSH)
+    try:
+        binds.bind_all(front, [bind])
+    except binds.BindError:
+        front.close(0)
+        back.close(0)
+        ctx.term()
+        raise
     back.setsockopt(zmq.SNDHWM, hwm)
     back.setsockopt(zmq.LINGER, 2000)
     if curve_keys:
@@ -26,7 +36,13 @@ def forward(bind: str, connect: str, curve_keys: str | None = None, hwm: int = 1
         back.curve_secretkey = keys["secret"]
         back.curve_publickey = keys["public"]
         back.curve_serverkey = keys["server"]
-    back.connect(connect)
+    try:
+        binds.connect(back, connect)
+    except binds.BindError:
+        front.close(0)
+        back.close(0)
+        ctx.term()
+        raise
     try:
         zmq.proxy(front, back)
     except (KeyboardInterrupt, zmq.ContextTerminated):

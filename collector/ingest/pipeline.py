@@ -52,6 +52,7 @@ from collector.ingest.stepscan import (
     group_rows,
     parse_steps,
 )
+from collector.recording import controls
 from collector.recording.format import CONTROL, MESSAGE
 from collector.recording.reader import ReadStats, frames_of, open_recording, scan
 from collector.recording.writer import NullRecorder, Recorder
@@ -68,6 +69,7 @@ from collector.records import (
     SummaryRecord,
 )
 from collector.sinks.base import NullSink, Sink
+from collector.text import printable
 from trainer_client import wire
 
 __all__ = ["Batch", "Pipeline", "replay"]
@@ -312,7 +314,7 @@ class Pipeline:
         count = self.rejected.get("internal_error", 0)
         if count < 3 or (count + n) // 1000 != count // 1000:
             _log.exception("internal error on %d %s message(s) of run %s (%d so far)", n,
-                           wire.KINDS.get(kind), run, count + n)
+                           wire.KINDS.get(kind), printable(run), count + n)
         self._reject("internal_error", run, n)
 
     def _record(self, frames: list) -> None:
@@ -384,15 +386,16 @@ class Pipeline:
             self.sink.flush()
         return st
 
-    def rebuild(self, path: str | Path, history: Sink | None = None) -> int:
+    def rebuild(self, path: str | Path, history: Sink | None = None,
+                stats: ReadStats | None = None) -> int:
         """Bring the state back from an earlier session's recording: nothing is recorded
         again, and the records it rebuilds go to ``history`` (outputs that resume, e.g. a
         JSONL sink that keeps what it already holds), not to the live sink. Returns the
-        records read."""
+        records read (``stats``: all the counts, skipped records included)."""
         recorder, sink = self.recorder, self.sink
         self.recorder, self.sink = NullRecorder(), history if history is not None else NullSink()
         try:
-            return self.feed_recording(path).records
+            return self.feed_recording(path, stats).records
         finally:
             self.sink.flush()
             self.recorder, self.sink = recorder, sink
@@ -403,13 +406,11 @@ class Pipeline:
         self.sink.flush()
 
     def _replay_control(self, frames: list, st: ReadStats) -> None:
-        try:
-            ctl = msgpack.unpackb(frames[0])
-        except Exception:
-            st.corrupted += 1
+        ctl = controls.parse(frames)  # checked like a message off the wire
+        if ctl is None:
+            st.bad_controls += 1
             return
-        if isinstance(ctl, dict):
-            self.control(ctl, record=False)
+        self.control(ctl.as_dict(), record=False)
 
     def finish(self, timeout_s: float = 120.0) -> None:
         """Close what is open: summaries for unfinished runs, then the recording and sinks."""

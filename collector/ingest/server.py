@@ -8,19 +8,19 @@ drain what has arrived, finish the recording and the sinks, return 0.
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import signal
 import time
 from typing import Any
-from urllib.parse import urlsplit
 
 import zmq
 
+from collector.ingest.binds import BindError, bind_all, check_binds
 from collector.ingest.pipeline import Batch, Pipeline
 from collector.report.liveview import NullView, StatusView
+from collector.text import printable
 
-__all__ = ["Collector", "check_binds", "receive"]
+__all__ = ["Collector", "receive"]
 
 _log = logging.getLogger("trainwatch.collector")
 
@@ -56,37 +56,15 @@ def receive(sock: zmq.Socket, limit: int) -> list[list]:
     return out
 
 
-def _is_local(endpoint: str) -> bool:
-    if endpoint.startswith(("ipc://", "inproc://")):
-        return True
-    host = urlsplit(endpoint).hostname or ""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def check_binds(binds: list[str], curve: bool, insecure: bool) -> None:
-    """Refuse a network bind without CURVE unless the user said --insecure."""
-    exposed = [b for b in binds if not _is_local(b)]
-    if exposed and not curve:
-        if not insecure:
-            raise SystemExit(
-                f"trainwatch: refusing to bind {', '.join(exposed)} without authentication: "
-                "pass --curve-keys DIR (made by 'trainwatch keys generate DIR'), or "
-                "--insecure to accept anyone who can reach that address")
-        _log.warning("binding %s with NO authentication (--insecure)", ", ".join(exposed))
-
-
 class Collector:
     """Serves ``binds`` into ``pipeline`` until stopped (or, with ``once``, until done)."""
 
     def __init__(self, binds: list[str], pipeline: Pipeline, curve_keys: str | None = None,
                  once: bool = False, quiet_s: float = 3.0, view: StatusView | None = None,
-                 max_msg_bytes: int = 64 << 20, rcvhwm: int = 10_000) -> None:
+                 max_msg_bytes: int = 64 << 20, rcvhwm: int = 10_000,
+                 insecure: bool = False) -> None:
         self.binds = binds
+        self.insecure = insecure  # bind beyond loopback without CURVE (binds.check_binds)
         self.pipeline = pipeline
         self.curve_keys = curve_keys
         self.once = once
@@ -103,6 +81,7 @@ class Collector:
         self._stop = True
 
     def serve(self) -> int:
+        check_binds(self.binds, bool(self.curve_keys), self.insecure)
         ctx = zmq.Context()
         auth = None
         sock = ctx.socket(zmq.PULL)
@@ -117,9 +96,16 @@ class Collector:
         # cleanly (exit 0, recording closed), not kill it.
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, self.stop)
-        for b in self.binds:
-            sock.bind(b)
-        _log.info("collecting on %s", ", ".join(self.binds))
+        try:
+            bind_all(sock, self.binds)
+        except BindError:
+            sock.close()
+            if auth is not None:
+                auth.stop()
+            ctx.term()
+            self.pipeline.recorder.close()
+            raise
+        _log.info("collecting on %s", ", ".join(printable(b) for b in self.binds))
         # Bound first: while the kernels compile (seconds on a cold cache), messages wait
         # in the socket's queue instead of being refused.
         self.pipeline.warm_up()
@@ -181,8 +167,8 @@ class Collector:
             return
         self._unrecorded_told = (rec.unrecorded, now)
         _log.log(logging.WARNING if rec.unrecorded else logging.INFO,
-                 "recording %s%s: %d records written, unrecorded %d%s", rec.path,
-                 " closed" if final else "", rec.recorded, rec.unrecorded,
+                 "recording %s%s: %d records written, unrecorded %d (of %d)%s", rec.path,
+                 " closed" if final else "", rec.recorded, rec.unrecorded, rec.appended,
                  f" ({rec.error})" if rec.error else "")
 
     def status(self) -> dict:

@@ -9,11 +9,11 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import msgpack
-
 from collector.ingest.counters import RankCounters
+from collector.recording import controls
 from collector.recording.format import CONTROL, MESSAGE
 from collector.recording.reader import ReadStats, read_records
+from collector.text import printable
 from trainer_client import wire
 
 
@@ -25,9 +25,11 @@ def inspect_recording(path: str | Path) -> dict:
     undecodable = 0
     for rtype, frames in read_records(path, st):
         if rtype == CONTROL:
-            ctl = msgpack.unpackb(frames[0])
-            if isinstance(ctl, dict) and ctl.get("op") == "rejects":
-                for reasons in ctl["counts"].values():
+            ctl = controls.parse(frames)
+            if ctl is None:
+                st.bad_controls += 1
+            elif isinstance(ctl, controls.Rejects):
+                for reasons in ctl.counts.values():
                     for reason, n in reasons.items():
                         rejects[reason] = rejects.get(reason, 0) + n
             continue
@@ -48,6 +50,8 @@ def inspect_recording(path: str | Path) -> dict:
         "corrupted": st.corrupted,
         "truncated_bytes": st.truncated_bytes,
         "undecodable": undecodable,
+        "bad_controls": st.bad_controls,
+        "unknown_types": st.unknown_types,
         "rejected_live": rejects,
     }
 
@@ -59,12 +63,16 @@ def format_table(info: dict) -> str:
     lines = [f"{'run':<28} {'rank':>4} {'msgs':>8} {'gaps':>6} {'drops':>6} "
              f"{'seq':>15}  first / last", "-" * 100]
     for run, r in info["runs"].items():
+        shown = printable(run)
         for rank, c in r["ranks"].items():
             kinds = " ".join(f"{k}={n}" for k, n in c["by_kind"].items())
-            lines.append(f"{run[:28]:<28} {rank:>4} {c['messages']:>8} {c['seq_gaps']:>6} "
+            lines.append(f"{shown[:28]:<28} {rank:>4} {c['messages']:>8} {c['seq_gaps']:>6} "
                          f"{c['reported_drops']:>6} {c['first_seq']!s:>7}-{c['last_seq']:<7} "
                          f"{ts(c['first_time'])} / {ts(c['last_time'])}")
             lines.append(f"{'':<34}{kinds}")
+    rejected = {printable(k): n for k, n in info["rejected_live"].items()}
     lines.append(f"records {info['records']}, corrupted {info['corrupted']}, truncated bytes "
-                 f"{info['truncated_bytes']}, rejected live {info['rejected_live'] or 0}")
+                 f"{info['truncated_bytes']}, bad controls {info['bad_controls']}, unknown "
+                 f"types {info['unknown_types']}, undecodable {info['undecodable']}, rejected "
+                 f"live {rejected or 0}")
     return "\n".join(lines)

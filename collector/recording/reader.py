@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from collector.recording.format import BODY, MAGIC
+from collector.recording.format import BODY, CONTROL, MAGIC, MESSAGE
 from collector.recording.scan import ScanResult, scan_records
 
 __all__ = ["ReadStats", "frames_of", "open_recording", "read_records", "scan"]
@@ -23,10 +23,22 @@ __all__ = ["ReadStats", "frames_of", "open_recording", "read_records", "scan"]
 class ReadStats:
     """What reading found: whole records, skipped ones, and a cut-off tail."""
 
-
     records: int = 0
     corrupted: int = 0  # records skipped for a bad checksum or a bad length
     truncated_bytes: int = 0  # an incomplete last record (a crash mid-write)
+    bad_controls: int = 0  # intact CONTROL records that fail the schema (``controls``)
+    unknown_types: int = 0  # intact records of a type this version does not know
+
+    @property
+    def skipped(self) -> int:
+        """Intact records skipped as invalid: counted apart from the corrupted ones."""
+        return self.bad_controls + self.unknown_types
+
+    def summary(self) -> str:
+        """The counts as a phrase for the commands' one-line reports."""
+        return (f"{self.records} records, {self.corrupted} corrupted, {self.truncated_bytes} "
+                f"truncated bytes, {self.bad_controls} bad controls and {self.unknown_types} "
+                "records of unknown type skipped")
 
 
 def open_recording(path: str | Path, stats: ReadStats) -> np.ndarray | None:
@@ -48,6 +60,8 @@ def scan(raw: np.ndarray, stats: ReadStats, chunk: int = 1 << 16) -> Iterator[Sc
         pos = cols.next_pos
         stats.records += len(cols.rtype)
         stats.corrupted += cols.corrupted
+        stats.unknown_types += int(np.count_nonzero((cols.rtype != MESSAGE)
+                                                    & (cols.rtype != CONTROL)))
         yield cols
         if cols.truncated >= 0:
             stats.truncated_bytes = cols.truncated

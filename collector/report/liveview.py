@@ -17,6 +17,8 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol, TextIO
 
+from collector.text import printable
+
 __all__ = ["NullView", "PlainView", "RichView", "StatusView", "make_view"]
 
 Status = dict[str, Any]
@@ -130,7 +132,7 @@ class RichView:
                          else Text("ok", style="green"))
             finished = bool(run.get("finished"))
             table.add_row(
-                Text(str(run_id), style="dim" if finished else "bold"),
+                Text(printable(run_id), style="dim" if finished else "bold"),
                 _epoch(run) + (" done" if finished else ""),
                 Text(f"{connected}/{world}",
                      style="green" if connected >= world or finished else "yellow"),

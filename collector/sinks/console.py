@@ -1,10 +1,15 @@
-"""Health events as console lines on the collector: one per rule raised or cleared."""
+"""Health events as console lines on the collector: one per rule raised or cleared.
+
+Run ids and event messages (which quote config values and host names) come from the
+senders: ``printable`` keeps each event one line of visible text.
+"""
 
 from __future__ import annotations
 
 import logging
 
 from collector.records import CLEARED, EpochRecord, EventRecord, Record, SummaryRecord
+from collector.text import printable
 
 __all__ = ["EventLogSink"]
 
@@ -18,10 +23,10 @@ class EventLogSink:
             for ev in record.events:
                 level = logging.INFO if ev.kind == CLEARED else logging.WARNING
                 remedy = f" -> {ev.remedy}" if ev.remedy else ""
-                _log.log(level, "[%s] %s %s: %s%s", record.run, where, ev.rule, ev.message,
-                         remedy)
+                _log.log(level, "[%s] %s %s: %s%s", printable(record.run), where,
+                         printable(ev.rule), printable(ev.message), printable(remedy))
         elif isinstance(record, SummaryRecord):
-            _log.info("[%s] run %s: %s", record.run, record.ended,
+            _log.info("[%s] run %s: %s", printable(record.run), record.ended,
                       ", ".join(f"{k.split('/', 1)[1]}={v}"
                                 for k, v in sorted(record.metrics.items()) if v is not None))
 

@@ -45,6 +45,7 @@ from collector.records import (
     RunRecord,
     SummaryRecord,
 )
+from collector.text import printable
 
 __all__ = ["EVENT_COLUMNS", "WandbSink", "resolve_mode", "wandb_run_id"]
 
@@ -308,7 +309,7 @@ class WandbSink:
             id=wid, name=run_id, resume=resume,
             dir=None if self.dir is None else str(self.dir), settings=wandb.Settings(**options))
         where = run.url if self.mode == "online" else run.dir  # offline .url only warns
-        _log.info("wandb run %s (%s): %s", run_id, self.mode, where)
+        _log.info("wandb run %s (%s): %s", printable(run_id), self.mode, printable(where))
         return run
 
     def _wandb_id(self, run_id: str, env: Mapping[str, str]) -> str:
@@ -320,9 +321,9 @@ class WandbSink:
             owner = self._owners.get(asked)
             if owner is None or owner == run_id:
                 return asked
-            self._warn(f"id-{run_id}", "wandb: run %r asked for wandb id %r, which run %r "
-                       "writes to; it gets its own id %r", run_id, asked,
-                       owner, wid)
+            self._warn(f"id-{run_id}", "wandb: run %s asked for wandb id %s, which run %s "
+                       "writes to; it gets its own id %s", printable(run_id), printable(asked),
+                       printable(owner), wid)
         return wid
 
     def _supersede(self, wid: str) -> None:
