@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 import zmq
-from collector.wandb_readback import find_offline_runs, read_offline_run
 from conftest import ROOT, CollectorProc, env, rank_list
+from support.wandb_readback import find_offline_runs, read_offline_run
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from workers.integration_util import (

@@ -9,8 +9,8 @@ import json
 import numpy as np
 import pytest
 import torch
-from collector.wandb_readback import find_offline_runs, read_offline_run
 from conftest import CollectorProc, env
+from support.wandb_readback import find_offline_runs, read_offline_run
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments
 from workers.integration_util import (

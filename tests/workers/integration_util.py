@@ -17,7 +17,8 @@ from typing import Any
 import numpy as np
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from collector.recording import MESSAGE, read_records
+from collector.recording.format import MESSAGE
+from collector.recording.reader import read_records
 from trainer_client import wire
 
 ROOT = Path(__file__).resolve().parents[2]
