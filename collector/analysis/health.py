@@ -308,10 +308,10 @@ class RunHealth:
 def _falling(points: list[tuple[float, float]], margin: float) -> bool:
     """Is the least-squares slope of (loss, sem) points, one an epoch, below ``-margin``
     standard errors of the slope (from the epochs' sems)?"""
-    if len(points) < 2:
-        return False
     y = np.array([p[0] for p in points])
     s = np.array([p[1] for p in points])
+    if len(points) < 2 or not (np.isfinite(y).all() and np.isfinite(s).all()):
+        return False  # an epoch whose noise is unknown (overflowed) proves nothing
     x = np.arange(y.size, dtype=np.float64) - (y.size - 1) / 2.0
     sxx = float(np.dot(x, x))
     slope = float(np.dot(x, y - y.mean())) / sxx

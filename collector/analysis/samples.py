@@ -140,7 +140,8 @@ def _units(consts: DataConstants | None, names: list[str]) -> tuple[np.ndarray, 
     for c, name in enumerate(names):
         if name in consts.channel_names:
             i = consts.channel_names.index(name)
-            if i < len(consts.std) and i < len(consts.mean):
+            if i < len(consts.std) and i < len(consts.mean) and math.isfinite(
+                    consts.std[i]) and math.isfinite(consts.mean[i]):
                 scale[c], offset[c] = consts.std[i], consts.mean[i]
     return scale, offset
 
