@@ -353,3 +353,32 @@ def test_the_reference_holds_whole_training_windows(gait):
     assert np.array_equal(ref.windows, whole.windows)
     assert keep.reference(64, 3, diversity_config(GAIT)) is None  # other channels
     assert keep.reference(10 ** 6, 8, diversity_config(GAIT)) is None  # longer than the data
+
+
+# -- the backtest's reading of the records ------------------------------------------------------
+def test_findings_pair_each_raise_with_its_clear():
+    from collector.analysis.findings import findings, format_findings
+    from collector.records import CLEARED, RAISED, EpochRecord, Event, EventRecord, RunRecord
+
+    def ev(rule: str, kind: str) -> Event:
+        return Event(rule, kind, "warning" if kind == RAISED else "info", f"{rule} {kind}")
+
+    records = [
+        RunRecord("a", 1), RunRecord("b", 1),
+        EpochRecord("a", 1, {}, (ev("stalled", RAISED),)),
+        EventRecord("a", 1, 17, 2, (ev("nonfinite", RAISED),)),
+        EpochRecord("a", 2, {}, (ev("nonfinite", CLEARED),)),
+        EpochRecord("a", 2, {}, (ev("stalled", RAISED),), amends=True),  # said again
+        EpochRecord("a", 3, {}, (ev("stalled", CLEARED), ev("nonfinite", RAISED))),
+        EpochRecord("b", 1, {}),
+    ]
+    found = findings(records)
+    a = [(e.rule, e.raised, e.step, e.rank, e.cleared) for e in found["a"]]
+    assert a == [("stalled", 1, None, None, 3), ("nonfinite", 1, 17, 2, 2),
+                 ("nonfinite", 3, None, None, None)]
+    assert found["b"] == []
+    text = format_findings(records)
+    assert "run a: 3 epochs, 3 raises" in text and "run b: 1 epochs, 0 raises" in text
+    assert ("nonfinite  warning   raised at epoch 1 (step 17, rank 2), cleared at epoch 2; "
+            "raised at epoch 3, still raised at the end") in text
+    assert "stalled    warning   raised at epoch 1, cleared at epoch 3" in text

@@ -173,3 +173,17 @@ def test_findings_say_when_each_rule_was_raised_and_cleared(runs):
     epoch_of = {o: int(b.split("stalled")[1].split("raised at epoch ")[1].split(",")[0])
                 for o, b in (("default", flat), ("tuned", tuned_flat))}
     assert epoch_of["tuned"] == epoch_of["default"] - 4  # 6 epochs in a row instead of 10
+
+
+def test_a_packaged_profile_by_name_on_the_command_line(runs):
+    tmp, col, _, _ = runs
+    out = tmp / "generic.jsonl"
+    r = subprocess.run([sys.executable, "-m", "collector", "replay", str(col.record),
+                        "--rules", "generic", "--jsonl", str(out)], env=env(), cwd=tmp,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    healthy = [r for r in map(json.loads, out.read_text().splitlines())
+               if r["run"] == "det-healthy" and r["type"] == "epoch"]
+    last = healthy[-1]["metrics"]
+    assert "validation/knee_angle_r_std" in last and "validation/knee_r_std" not in last
+    assert "threshold/knee_r_std" not in last and "health/knee_collapsed" not in last

@@ -203,7 +203,8 @@ class RunHealth:
             changed = _changes(ev.published, redo)
             if i == at or changed.events or changed.raised != ev.published.raised:
                 out.append(changed)
-        self.engine.active |= between
+        for key in between:  # as activate() left them: raised, holding
+            self.engine.activate(key)
         return out
 
     def _improvement(self, m: dict[str, Any]) -> None:
