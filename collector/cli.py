@@ -104,10 +104,16 @@ def cmd_collect(args: argparse.Namespace) -> int:
 
 def cmd_replay(args: argparse.Namespace, default_wandb: str = "disabled") -> int:
     from collector.ingest.pipeline import replay
+    from collector.sinks.jsonl import MemorySink
 
     profile = _profile(args)
-    sinks = FanOut(_sinks(args, profile, default_wandb, replaying=True))
+    mem = MemorySink() if getattr(args, "findings", False) else None
+    sinks = FanOut(_sinks(args, profile, default_wandb, replaying=True) + ([mem] if mem else []))
     pipe, st = replay(args.recording, profile, sinks)
+    if mem is not None:
+        from collector.analysis.findings import format_findings
+
+        print(format_findings(mem.records))
     print(f"replayed {st.summary()} ({pipe.accepted} messages, "
           f"{sum(pipe.rejected.values())} rejected) -> {pipe.records_out} output records",
           file=sys.stderr)
@@ -170,7 +176,8 @@ def _wandb_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--wandb-project", default=None)
     p.add_argument("--wandb-entity", default=None)
     p.add_argument("--wandb-group", default=None)
-    p.add_argument("--rules", default=None, help="a TOML profile overriding the default rules")
+    p.add_argument("--rules", default=None,
+                   help="a packaged profile by name (generic) or a TOML file over one")
 
 
 def _limit_defaults():  # noqa: ANN202 - a Limits; imported here to keep start-up light
@@ -218,6 +225,9 @@ def parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=hlp)
         p.add_argument("recording", nargs="+")
         p.add_argument("--jsonl")
+        if name == "replay":
+            p.add_argument("--findings", action="store_true",
+                           help="print, per run and rule, when it was raised and cleared")
         _wandb_args(p)
         p.set_defaults(func=func)
 

@@ -85,6 +85,8 @@ def epoch_metrics(inp: EpochInput, consts: DataConstants | None, knee: str = "kn
                     "train/batch_loss_max": losses.max(), "train/batch_loss_min": losses.min()})
         if losses.mean() != 0:
             out["train/batch_loss_cv"] = losses.std() / abs(losses.mean())
+        if losses.size > 1:
+            out["train/batch_loss_sem"] = losses.std(ddof=1) / math.sqrt(losses.size)
     if inp.weights:
         w = dict(zip(WEIGHT_FIELDS, inp.weights[min(inp.weights)].tolist(), strict=True))
         if all(math.isfinite(v) for v in w.values()) and w["count"] > 0:

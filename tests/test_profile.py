@@ -35,18 +35,27 @@ def test_default_profile_is_the_seed_guide():
     assert (p.knee_channel, p.grf_channel) == ("knee_angle_r", "grf_vz_r")
     assert (p.knee_healthy_std, p.grf_healthy_std) == (0.1, 10.0)
     assert [p.phase(e) for e in (1, 50, 51, 200, 201)] == [1, 1, 2, 2, 3]
-    seed = {"exploding_gradients": 100.0, "vanishing_gradients": 0.001, "batch_loss_flat": 0.01,
+    seed = {"exploding_gradients": 100.0, "vanishing_gradients": 0.001,
             "batch_loss_cv_low": 0.01, "exploding_weights": 10.0, "dead_neurons": 0.001,
             "weights_jump": 0.5, "ema_diff_high": 1.0, "loss_term_dominant": 0.9,
             "gen_std_low": 0.1, "gen_range_low": 0.5, "knee_collapsed": 0.05,
             "grf_collapsed": 1.0}
     for rid, threshold in seed.items():
         assert _rule(p, rid).condition.threshold == threshold, rid
-    assert _rule(p, "stalled").condition.length == 10
+    # Departures calibrated on healthy real runs (the TOML says why, beside each key).
+    assert _rule(p, "batch_loss_flat").condition.threshold == 0.001  # guide: 0.01
+    stalled = _rule(p, "stalled")  # the guide's 10 consecutive epochs, as hysteresis
+    assert (stalled.condition.kind, stalled.raise_after, stalled.clear_after) == \
+        ("threshold", 10, 3)
+    assert (p.improvement_method, p.improvement_margin, p.improvement_window) == \
+        ("trend", 2.0, 8)
     surge = _rule(p, "grad_norm_unstable").condition
     assert (surge.factor, surge.window, surge.min_count) == (3.0, 10, 3)
     mc = next(d for d in p.diagnoses if d.id == "mode_collapse")
-    assert mc.require == 3 and len(mc.conditions) == 6 and mc.score
+    conds = dict(mc.conditions)
+    assert mc.require == 3 and len(conds) == 8 and mc.score
+    assert conds["no_gradient_diversity"].threshold == 0.02  # guide: 0.1
+    assert {"samples_duplicated", "diversity_low"} <= set(conds)  # beyond the guide
     assert {d.id for d in p.diagnoses} == {"validation_bad_while_loss_falls", "loss_not_falling",
                                            "gradient_explosion", "mode_collapse"}
     assert all(d.cause and d.remedy for d in p.diagnoses)
@@ -74,7 +83,7 @@ threshold = 0.2
     mc = next(d for d in p.diagnoses if d.id == "mode_collapse")
     conds = dict(mc.conditions)
     assert mc.require == 2 and conds["gen_std_low"].threshold == 0.2
-    assert conds["gen_std_low"].latest and len(conds) == 6
+    assert conds["gen_std_low"].latest and len(conds) == 8
     h = RunHealth("run", p)
     judge(h, _epoch(1, 1.0))
     m, ev = judge(h, _epoch(2, 60.0))
@@ -106,7 +115,20 @@ remedy = "Clip."
 BAD = [
     ("[rules.stalled]\nop = \"=>\"\n", "rules.stalled.op", "expected one of"),
     ("[rules.stalled]\nlenght = 3\n", "rules.stalled.lenght", "unknown key"),
-    ("[rules.stalled]\nlength = 0\n", "rules.stalled.length", "positive integer"),
+    ("[rules.stalled]\nraise_after = 0\n", "rules.stalled.raise_after", "positive integer"),
+    ("[hysteresis]\nclear_after = -1\n", "hysteresis.clear_after", "positive integer"),
+    ("[hysteresis]\nhold = 2\n", "hysteresis.hold", "unknown key"),
+    ("[improvement]\nmethod = \"median\"\n", "improvement.method", "expected one of"),
+    ("[improvement]\nmargin = -1\n", "improvement.margin", "a number >= 0"),
+    ("[diversity]\nduplicate_rms = 0\n", "diversity.duplicate_rms", "a number > 0"),
+    ("[rules.loss_increasing]\nline = true\n", "rules.loss_increasing.line", "threshold rule"),
+    ("[rules.ema_diff_surge]\nline = true\n", "rules.ema_diff_surge.line", "threshold rule"),
+    ("[rules.phase3_loss_drop_large]\nrelative = 1\n", "rules.phase3_loss_drop_large.relative",
+     "true or false"),
+    ("[rules.ema_diff_surge]\nrelative = true\n", "rules.ema_diff_surge.relative",
+     "unknown key"),
+    ("[remedies.actual]\nlearning_rate = 3\n", "remedies.actual.learning_rate", "a string"),
+    ("base = \"gait\"\n", "base", "expected one of"),
     ("[rules.stalled]\nkind = \"wobble\"\n", "rules.stalled.kind", "unknown kind"),
     ("[rules.stalled]\nseverity = \"loud\"\n", "rules.stalled.severity", "expected one of"),
     ("[rules.stalled]\nmessage = \"{nope}\"\n", "rules.stalled.message", "bad message template"),
@@ -116,7 +138,7 @@ BAD = [
      "larger than window"),
     ("[rules.new_rule]\nkind = \"threshold\"\nmetric = \"x\"\nop = \">\"\nthreshold = 1\n",
      "rules.new_rule.severity", "missing"),
-    ("[diagnoses.mode_collapse]\nrequire = 7\n", "diagnoses.mode_collapse.require", "exceeds"),
+    ("[diagnoses.mode_collapse]\nrequire = 9\n", "diagnoses.mode_collapse.require", "exceeds"),
     ("[validation]\nknee_healthy_std = \"big\"\n", "validation.knee_healthy_std",
      "expected a number"),
     ("[phases]\nends = [200, 50]\n", "phases.ends", "increasing"),

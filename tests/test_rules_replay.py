@@ -6,8 +6,9 @@ One ``trainwatch collect`` process serves every run. Three processes of
 all-reduced over gloo (``ddp``, ``rank_desync``); two of them then run the single-rank
 scenarios, one per rule and per diagnosis of the default profile, plus one healthy run.
 Phases are shortened (``--rules``: phase 1 ends at epoch 3, phase 2 at epoch 6) so the
-phase expectations are reached in a few epochs. Every figure the collector wrote is
-recomputed with numpy from what the workers sent.
+phase expectations are reached in a few epochs, and so are what the phase rules wait for
+(2 epochs in a row without improvement in phase 1; the phase-3 loss trend over 2 epochs).
+Every figure the collector wrote is recomputed with numpy from what the workers sent.
 """
 
 from __future__ import annotations
@@ -21,11 +22,19 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 from conftest import ROOT, CollectorProc, env, finish, rank_list
+from test_diversity import ref_across_std, ref_distances, ref_w1
 
 from collector.analysis.profile import Profile, load_profile
 
 SCENARIOS = ROOT / "tests" / "workers" / "scenarios.py"
-PHASES = "[phases]\nends = [3, 6]\n"
+PHASES = """[phases]
+ends = [3, 6]
+[rules.phase1_not_improving]
+raise_after = 2
+[rules.phase3_loss_drop_large]
+window = 2
+min_count = 2
+"""
 MULTI = ["ddp", "rank_desync"]
 # Single-rank scenarios, split between the rank-0 and rank-1 processes (two cores).
 SINGLE = {
@@ -33,7 +42,8 @@ SINGLE = {
         "batch_loss_flat", "batch_loss_cv_low", "exploding_weights", "dead_neurons",
         "weights_jump", "ema_diff_high", "ema_diff_surge", "stalled"],
     1: ["loss_increasing", "loss_term_dominant", "gen_std_low", "gen_range_low",
-        "knee_collapsed", "grf_collapsed", "nonfinite", "phase3_expectations",
+        "knee_collapsed", "grf_collapsed", "samples_unlike_data", "nonfinite",
+        "phase3_expectations",
         "gradient_explosion", "mode_collapse", "loss_not_falling",
         "validation_bad_while_loss_falls"],
 }
@@ -51,19 +61,23 @@ EXPECT: dict[str, list[tuple[str, int, int | None]]] = {
     "ema_diff_high": [("ema_diff_high", 2, 3)],
     "ema_diff_surge": [("ema_diff_surge", 4, 5)],
     "stalled": [("stalled", 11, None)],  # is_improving exists from epoch 2: 10 in a row
-    "loss_increasing": [("loss_increasing", 2, 3), ("phase1_not_improving", 2, 3)],
-    "loss_term_dominant": [("loss_term_dominant", 1, 2)],
-    "gen_std_low": [("gen_std_low", 1, 2)],
+    # two rises of over 3 standard errors in a row; cleared after two epochs that fall
+    "loss_increasing": [("loss_increasing", 3, 5), ("phase1_not_improving", 3, 4)],
+    "loss_term_dominant": [("loss_term_dominant", 1, 3)],  # clear_after 2
+    # nearly constant samples are near-duplicates too; one damped channel lowers diversity
+    "gen_std_low": [("gen_std_low", 1, 2), ("samples_duplicated", 1, 2)],
     "gen_range_low": [("gen_range_low", 1, 2)],
-    "knee_collapsed": [("knee_collapsed", 1, 2)],
+    "knee_collapsed": [("knee_collapsed", 1, 2), ("sample_diversity_low", 1, 2)],
     "grf_collapsed": [("grf_collapsed", 1, 2)],
+    "samples_unlike_data": [("samples_unlike_data", 4, 5)],  # phase 2 starts at epoch 4
     "nonfinite": [("nonfinite", 2, 3)],
     "phase3_expectations": [("phase2_quality_not_reached", 7, None),
                             ("phase3_loss_drop_large", 7, None)],
     "rank_desync": [("rank_desync", 2, 3)],
     "gradient_explosion": [("diagnosis/gradient_explosion", 1, None)],
     "mode_collapse": [("diagnosis/mode_collapse", 1, None)],
-    "loss_not_falling": [("diagnosis/loss_not_falling", 10, None)],  # 5 of the last 10
+    # 5 of the last 10 epochs without improvement, and the trend flat: from epoch 6
+    "loss_not_falling": [("diagnosis/loss_not_falling", 6, None)],
     "validation_bad_while_loss_falls": [("diagnosis/validation_bad_while_loss_falls", 4,
                                          None)],  # phase 2 starts at epoch 4
 }
@@ -151,8 +165,43 @@ def _sent_epoch(sent: dict[int, dict], epoch: int) -> dict[int, dict]:
     return {r: next(e for e in s["epochs"] if e["epoch"] == epoch) for r, s in sent.items()}
 
 
-def _reference(sent: dict[int, dict], epoch: int, prev_loss: float | None) -> dict[str, float]:
-    """The epoch's metrics recomputed with numpy from what every rank sent."""
+def _improving(points: list[tuple[float, float]], margin: float, window: int) -> int:
+    """The profile's "trend" test: the least-squares slope of the last ``window`` epoch
+    losses below -margin standard errors (from each epoch's sem)."""
+    pts = points[-window:]
+    if len(pts) < 2:
+        return 0
+    x = np.arange(len(pts)) - (len(pts) - 1) / 2
+    y, s = np.array([p[0] for p in pts]), np.array([p[1] for p in pts])
+    slope = np.polyfit(x, y, 1)[0]
+    return int(slope < -margin * math.sqrt(np.sum(x ** 2 * s ** 2)) / np.sum(x ** 2))
+
+
+def _samples_reference(meta: dict, x: np.ndarray) -> dict[str, float]:
+    """The diversity figures with numpy: the reference windows are the training rows cut
+    into windows of the samples' length (the collector keeps all of so small a set)."""
+    data = np.asarray(meta["data"], dtype=np.float32).astype(np.float64)
+    steps = x.shape[1]
+    windows = data[: data.shape[0] // steps * steps].reshape(-1, steps, data.shape[1])
+    std = windows.reshape(-1, data.shape[1]).std(axis=0)
+    pair = np.median(ref_distances(windows, 1 / std, 4096))
+    dist = ref_distances(x, 1 / std, 4096)
+    out = {"validation/sample_diversity": float(np.mean(ref_across_std(x) /
+                                                        ref_across_std(windows))),
+           "validation/duplicate_frac": float(np.mean(dist < 0.1 * pair))}
+    for c, name in enumerate(meta["channels"]):
+        phys = x[:, :, c] * meta["data_std"][c] + meta["data_mean"][c]
+        out[f"validation/{name}_w1"] = ref_w1(x[:, :, c].ravel(), windows[:, :, c].ravel()) \
+            / std[c]
+        out[f"validation/{name}_std"] = phys.std()
+        out[f"validation/{name}_mean"] = phys.mean()
+    return out
+
+
+def _reference(sent: dict[int, dict], epoch: int, prev_loss: float | None,
+               points: list[tuple[float, float]], profile: Profile) -> dict[str, float]:
+    """The epoch's metrics recomputed with numpy from what every rank sent; ``points`` are
+    the earlier epochs' (loss, sem), this one's appended here."""
     eps = _sent_epoch(sent, epoch)
     first = eps[min(eps)]  # all-reduced values: the lowest rank's
     meta = sent[min(sent)]
@@ -165,10 +214,14 @@ def _reference(sent: dict[int, dict], epoch: int, prev_loss: float | None) -> di
                     "train/total_loss": mean})
         if mean != 0:
             out["train/batch_loss_cv"] = std / abs(mean)
+        sem = loss.std(ddof=1) / math.sqrt(loss.size)
+        out["train/batch_loss_sem"] = sem
+        points.append((mean, sem))
         if prev_loss is not None:
             out["train/loss_decrease"] = prev_loss - mean
             out["train/loss_decrease_pct"] = 100.0 * (prev_loss - mean) / prev_loss
-            out["train/is_improving"] = int(prev_loss - mean > 0)
+            out["train/is_improving"] = _improving(points, profile.improvement_margin,
+                                                   profile.improvement_window)
     gn = _finite(first["grad_norm"])
     if gn.size:
         out.update({"train/grad_norm_mean": gn.mean(), "train/grad_norm_std": gn.std(),
@@ -185,6 +238,8 @@ def _reference(sent: dict[int, dict], epoch: int, prev_loss: float | None) -> di
         out["model/ema_diff"] = first["ema_diff"]
     samples = [np.asarray(e["samples"]) for _, e in sorted(eps.items()) if e["samples"]]
     if samples:
+        out.update(_samples_reference(meta, np.concatenate(samples).astype(np.float64)
+                                      .reshape(-1, 8, 2)))  # 32 windows of 8 per rank
         x = np.concatenate(samples).astype(np.float64)
         fin = _finite(x)
         out.update({"validation/gen_std": fin.std(), "validation/gen_mean": fin.mean(),
@@ -197,10 +252,10 @@ def _reference(sent: dict[int, dict], epoch: int, prev_loss: float | None) -> di
     return out
 
 
-def _references(sent: dict[int, dict]) -> dict[int, dict[str, float]]:
-    prev, out = None, {}
+def _references(sent: dict[int, dict], profile: Profile) -> dict[int, dict[str, float]]:
+    prev, out, points = None, {}, []
     for e in (ep["epoch"] for ep in sent[min(sent)]["epochs"]):
-        out[e] = _reference(sent, e, prev)
+        out[e] = _reference(sent, e, prev, points, profile)
         prev = out[e].get("train/total_loss", prev)
     return out
 
@@ -280,7 +335,7 @@ def test_the_healthy_run_fires_nothing(replayed):
 @pytest.mark.parametrize("scenario", ALL)
 def test_epoch_figures_equal_numpy_on_what_was_sent(replayed, scenario):
     run = f"rule-{scenario}"
-    refs = _references(replayed.sent[run])
+    refs = _references(replayed.sent[run], replayed.profile)
     for rec in _epochs(replayed.records[run]):
         got, want = rec["metrics"], refs[rec["epoch"]]
         where = f"{run} epoch {rec['epoch']}"
@@ -309,7 +364,7 @@ def test_data_stats_equal_numpy(replayed, scenario):
 @pytest.mark.parametrize("scenario", ALL)
 def test_run_summary_figures(replayed, scenario):
     run = f"rule-{scenario}"
-    refs = _references(replayed.sent[run])
+    refs = _references(replayed.sent[run], replayed.profile)
     got = _one(replayed.records[run], "summary")["metrics"]
     epochs = sorted(refs)
     losses = [(e, refs[e]["train/total_loss"]) for e in epochs if "train/total_loss" in refs[e]]
@@ -395,9 +450,18 @@ def test_remedies_quote_the_run_config(replayed):
 
 def test_mode_collapse_checklist_score(replayed):
     first = _epochs(replayed.records["rule-mode_collapse"])[0]["metrics"]
-    # cv 0, knee and GRF unhealthy, gen_std low, no gradient diversity; the 20-epoch
-    # streak cannot be judged yet.
-    assert first["health/mode_collapse_score"] == 5 and first["health/mode_collapse"] == 1
+    # cv 0, knee and GRF unhealthy, gen_std low, no gradient diversity (the same batch
+    # every step), samples duplicated, no diversity; the 20-epoch streak cannot be judged yet.
+    assert first["health/mode_collapse_score"] == 7 and first["health/mode_collapse"] == 1
+
+
+def test_a_single_nan_step_is_not_a_learning_rate_diagnosis(replayed):
+    recs = replayed.records["rule-nonfinite"]
+    assert all(r["metrics"]["diagnosis/gradient_explosion"] == 0 for r in _epochs(recs))
+    (step,) = [r for r in recs if r["type"] == "event"]
+    assert step["epoch"] == 2 and "non-finite loss" in step["events"][0]["message"]
+    # raised at the step, not again at the epoch; no diagnosis anywhere
+    assert not [ev for r in _epochs(recs) for ev in r["events"] if ev["kind"] == "raised"]
 
 
 # -- several ranks ------------------------------------------------------------------------------

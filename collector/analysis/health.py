@@ -8,6 +8,16 @@ The pipeline calls it once per closed epoch (never per step, except for a non-fi
     health.on_late_validation(epoch, samples)       # amends an epoch already closed
     health.summary({"dropped": 0})
 
+Improvement is judged against the noise (``[improvement]`` of the profile): with method
+"best" an epoch improves when its mean loss is below the best epoch so far by more than
+``margin`` standard errors of the difference, sqrt(sem^2 + sem_best^2), each sem the
+epoch's ``train/batch_loss_sem``; "guide" is the guide's loss_decrease > 0.
+
+The profile: the packaged default (gait) gives way to ``generic`` for a run whose channels
+are not the gait ones, chosen once from the channels known when its first epoch closes
+(``log_data_stats`` or the samples of that epoch) or when a step first raises a rule. A run
+whose channels arrive only later keeps the default; a user's ``--rules`` is never replaced.
+
 Deterministic: the same calls in the same order give identical metrics and events, so a
 replayed recording reproduces the live records byte for byte.
 """
@@ -22,14 +32,25 @@ import numpy as np
 
 from collector.analysis.datastats import DataStatsAccumulator
 from collector.analysis.inputs import AMEND_EPOCHS, DataConstants, EpochInput, ValidationInput
-from collector.analysis.profile import Profile
+from collector.analysis.profile import Profile, load_profile, matches
 from collector.analysis.rules import RuleEngine
+from collector.analysis.samples import TrainingSubsample, sample_metrics
 from collector.analysis.stats import EpochStats, epoch_stats, validation_metrics
 from collector.records import CLEARED, Event
 
 __all__ = ["EpochVerdict", "RunHealth"]
 
 _NONFINITE_RULE = "nonfinite"
+GENERIC = "generic"  # the packaged profile a non-gait run gets instead of the default
+SHOWN_STEPS = 8  # non-finite steps an event names
+_generic: Profile | None = None
+
+
+def _generic_profile() -> Profile:
+    global _generic
+    if _generic is None:
+        _generic = load_profile(GENERIC)
+    return _generic
 
 
 class EpochVerdict(NamedTuple):
@@ -63,8 +84,15 @@ class RunHealth:
         self.config: dict[str, Any] = {}
         self.consts: DataConstants | None = None
         self.data = DataStatsAccumulator()
+        # bounded: at most reference_max_values raw values (see collector.analysis.samples)
+        self.subsample = TrainingSubsample(profile.reference_block_rows,
+                                           profile.reference_max_values)
         self.engine = RuleEngine(profile)
+        self._locked = False  # the profile is fixed once the run's first epoch is judged
         self._prev_loss: float | None = None
+        # "best": the loss (and sem) of the last epoch that improved, the first one before
+        self._best: tuple[float, float] | None = None
+        self._trend: deque[tuple[float, float]] = deque(maxlen=profile.improvement_window)
         # A NaN gradient norm in a StepSeries means "no norm sent"; the real NaNs reach
         # step_event first, and are counted in the epoch that holds their step.
         self._nan_grads: dict[int, set[int]] = {}
@@ -78,10 +106,25 @@ class RunHealth:
     def on_data_constants(self, consts: DataConstants) -> None:
         """Normalisation constants: validation knee/GRF figures are then physical units."""
         self.consts = consts
+        self._choose(consts.channel_names)
 
     def on_data(self, chunk: np.ndarray, dtype: str) -> None:
         """A chunk of the normalised training data (raw; the last axis is the channels)."""
         self.data.add(chunk, dtype)
+        self.subsample.add(chunk, dtype)
+
+    def _choose(self, channels: list[str]) -> None:
+        """The generic profile for a run whose channels are not the gait ones, while the
+        profile is the unmodified default and no epoch has been judged."""
+        p = self.profile
+        if self._locked or not p.switchable or not channels:
+            return
+        if (p.knee_channel and p.knee_channel in channels) or (
+                p.grf_channel and p.grf_channel in channels):
+            return
+        self.profile = _generic_profile()
+        self.engine = RuleEngine(self.profile)
+        self._trend = deque(maxlen=self.profile.improvement_window)
 
     def data_metrics(self, channels: list[str]) -> dict[str, float]:
         return self.data.metrics(channels)
@@ -102,6 +145,7 @@ class RunHealth:
                 self._nan_grads.setdefault(rank, set()).add(step)
         if not bad:
             return None
+        self._locked = True
         ev = self.engine.rule_event(_NONFINITE_RULE, f"rank {rank} step {step}: non-finite "
                                     f"{' and '.join(bad)}", self.config)
         if ev is None or not self.engine.activate(_NONFINITE_RULE):
@@ -110,21 +154,19 @@ class RunHealth:
 
     def on_epoch(self, inp: EpochInput) -> EpochVerdict:
         """One closed epoch -> its metrics (with health/* and diagnosis/* flags) and events."""
+        if inp.validation is not None:
+            self._choose(inp.validation.channel_names)
+        self._locked = True
         st = epoch_stats(inp, self.consts, self.profile)
         self._count_nan_grads(inp, st)
         m = st.metrics
-        loss = m.get("train/total_loss")
-        if loss is not None and self._prev_loss is not None:
-            decrease = self._prev_loss - loss
-            m["train/loss_decrease"] = decrease
-            if self._prev_loss != 0:
-                m["train/loss_decrease_pct"] = 100.0 * decrease / self._prev_loss
-            m["train/is_improving"] = int(decrease > 0)
-        if loss is not None:
-            self._prev_loss = loss
+        self._improvement(m)
+        if inp.validation is not None:
+            self._add_samples(m, inp.validation)
         phase = self.profile.phase(inp.epoch)
         m["health/phase"] = phase
-        values: dict[str, float] = {**m, "facts/nonfinite": st.nonfinite_total}
+        values: dict[str, float] = {**m, "facts/nonfinite": st.nonfinite_total,
+                                    "facts/nonfinite_steps": len(st.nonfinite_step_numbers)}
         if st.ranks_compared > 1:
             values["facts/desync_ranks"] = len(st.desync)
         before = self.engine.snapshot()
@@ -144,6 +186,7 @@ class RunHealth:
         if at is None:
             return []
         metrics, bad = validation_metrics(v, self.consts, self.profile)
+        self._add_samples(metrics, v)
         # raised since the last epoch (a non-finite step): still raised afterwards
         between = self.engine.active - set(self._recent[-1].published.raised)
         self.engine = self._recent[at].before.snapshot()
@@ -167,8 +210,51 @@ class RunHealth:
             changed = _changes(ev.published, redo)
             if i == at or changed.events or changed.raised != ev.published.raised:
                 out.append(changed)
-        self.engine.active |= between
+        for key in between:  # as activate() left them: raised, holding
+            self.engine.activate(key)
         return out
+
+    def _improvement(self, m: dict[str, Any]) -> None:
+        """train/loss_decrease (_pct) against the previous epoch, as the guide defines them;
+        train/is_improving by the profile's method (see the module docstring)."""
+        loss = m.get("train/total_loss")
+        if loss is None or not math.isfinite(loss):
+            return
+        sem = m.get("train/batch_loss_sem", 0.0)
+        p = self.profile
+        self._trend.append((loss, sem))
+        if self._prev_loss is not None:
+            decrease = self._prev_loss - loss
+            m["train/loss_decrease"] = decrease
+            if self._prev_loss != 0:
+                m["train/loss_decrease_pct"] = 100.0 * decrease / self._prev_loss
+            if p.improvement_method == "guide":
+                improving = decrease > 0
+            elif p.improvement_method == "best":
+                ref, ref_sem = self._best or (loss, sem)
+                improving = loss < ref - p.improvement_margin * math.hypot(sem, ref_sem)
+            else:
+                improving = _falling(list(self._trend)[-p.improvement_window:],
+                                     p.improvement_margin)
+            m["train/is_improving"] = int(improving)
+            if improving or self._best is None:
+                self._best = (loss, sem)
+        else:
+            self._best = (loss, sem)
+        self._prev_loss = loss
+
+    def _add_samples(self, m: dict[str, Any], v: ValidationInput) -> None:
+        """The samples' diversity and per-channel figures (the guide's names win where a
+        channel's would collide with them), then the threshold lines of the profile."""
+        try:
+            extra = sample_metrics(v, self.subsample, self.consts, self.profile)
+        except ValueError:  # samples the figures cannot read: the guide's figures remain
+            extra = {}
+        for k, x in extra.items():
+            m.setdefault(k, x)
+        for pattern, value in self.profile.lines:
+            for name in [k for k in m if matches(pattern, k)]:
+                m.setdefault(f"threshold/{name.removeprefix('validation/')}", value)
 
     def _judge(self, epoch: int, m: dict[str, Any], values: dict[str, float], phase: int,
                details: dict[str, str]) -> EpochVerdict:
@@ -217,12 +303,28 @@ class RunHealth:
             s = inp.steps.get(rank)
             if s is None or s.steps.size == 0:
                 continue
-            here = np.isin(np.fromiter(pending, np.int64, len(pending)), s.steps)
+            wanted = np.fromiter(sorted(pending), np.int64, len(pending))
+            here = np.isin(wanted, s.steps)
             st.count_nonfinite("grad_norm", int(here.sum()), rank)
+            st.bad_steps(rank, wanted[here])
             last = int(s.steps.max())
             pending.difference_update({p for p in pending if p <= last})
             if not pending:
                 del self._nan_grads[rank]
+
+
+def _falling(points: list[tuple[float, float]], margin: float) -> bool:
+    """Is the least-squares slope of (loss, sem) points, one an epoch, below ``-margin``
+    standard errors of the slope (from the epochs' sems)?"""
+    y = np.array([p[0] for p in points])
+    s = np.array([p[1] for p in points])
+    if len(points) < 2 or not (np.isfinite(y).all() and np.isfinite(s).all()):
+        return False  # an epoch whose noise is unknown (overflowed) proves nothing
+    x = np.arange(y.size, dtype=np.float64) - (y.size - 1) / 2.0
+    sxx = float(np.dot(x, x))
+    slope = float(np.dot(x, y - y.mean())) / sxx
+    se = math.sqrt(float(np.dot(x * x, s * s))) / sxx
+    return slope < -margin * se
 
 
 def _changes(old: EpochVerdict, new: EpochVerdict) -> EpochVerdict:
@@ -249,8 +351,15 @@ def _details(st: EpochStats) -> dict[str, str]:
     if st.nonfinite:
         where = ", ".join(f"{n} {what}" for what, n in sorted(st.nonfinite.items()))
         ranks = sorted(st.nonfinite_ranks)
-        out["nonfinite"] = where + (f" (rank{'s' if len(ranks) > 1 else ''} "
-                                    f"{', '.join(map(str, ranks))})" if ranks else "")
+        text = where + (f" (rank{'s' if len(ranks) > 1 else ''} "
+                        f"{', '.join(map(str, ranks))})" if ranks else "")
+        steps = st.nonfinite_step_numbers
+        if steps:
+            shown = ", ".join(map(str, steps[:SHOWN_STEPS]))
+            more = f" and {len(steps) - SHOWN_STEPS} more" if len(steps) > SHOWN_STEPS else ""
+            text = (f"{len(steps)} non-finite step{'s' if len(steps) > 1 else ''} "
+                    f"(step{'s' if len(steps) > 1 else ''} {shown}{more}); {text}")
+        out["nonfinite"] = text
     if st.desync:
         out["desync"] = "; ".join(f"rank {r} differs in {', '.join(what)}"
                                   for r, what in sorted(st.desync.items()))

@@ -354,3 +354,6 @@ def warm_up() -> None:
     merge_channel_moments(i64, f64, f64, i64, f64, f64)
     reduce_moments(i64, f64, f64)
     window_median(f64)
+    from collector.analysis import diversity  # imports this module: here, not at the top
+
+    diversity.warm_up()  # the first validation's sample figures

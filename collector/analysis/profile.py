@@ -1,9 +1,12 @@
 """The health rules as data: a TOML profile loaded into a frozen, validated ``Profile``.
 
-The packaged default (``profiles/gait_diffusion.toml``) is the seed guide. A user's TOML
-overrides any key of it, table by table, and may add rules or switch them off:
+The packaged default (``profiles/gait_diffusion.toml``) is the seed guide; ``generic``
+(``profiles/generic.toml``) serves any model. A user's TOML overrides any key of its base
+(``base = "generic"`` picks that one; the default otherwise), table by table, and may add
+rules or switch them off:
 
     profile = load_profile("my_rules.toml")   # or load_profile(None) for the default
+    profile = load_profile("generic")         # a packaged profile, by name
     profile.phase(120)                        # -> 2
 
 Errors are ``ProfileError``s naming the file and the key, e.g.
@@ -12,16 +15,22 @@ Errors are ``ProfileError``s naming the file and the key, e.g.
 
 from __future__ import annotations
 
+import fnmatch
 import math
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["DEFAULT_PATH", "Condition", "Diagnosis", "Profile", "ProfileError", "Rule",
-           "load_profile"]
+__all__ = ["DEFAULT_PATH", "PACKAGED", "Condition", "Diagnosis", "Profile", "ProfileError",
+           "Rule", "load_profile", "matches"]
 
-DEFAULT_PATH = Path(__file__).parent / "profiles" / "gait_diffusion.toml"
+PROFILES_DIR = Path(__file__).parent / "profiles"
+DEFAULT_NAME = "gait_diffusion"
+DEFAULT_PATH = PROFILES_DIR / f"{DEFAULT_NAME}.toml"
+# Packaged profiles by name: what ``--rules NAME`` and a file's ``base = "NAME"`` refer to.
+PACKAGED = {p.stem: p for p in sorted(PROFILES_DIR.glob("*.toml"))}
+IMPROVEMENT_METHODS = ("guide", "best", "trend")
 
 OPS = (">", ">=", "<", "<=", "==", "!=")
 SEVERITIES = ("info", "warning", "critical")
@@ -36,16 +45,20 @@ KINDS: dict[str, tuple[str, ...]] = {
     "count": ("op", "threshold", "window", "min_count"),
     "slope": ("op", "threshold", "window", "min_count"),
 }
-_MULTI_METRIC = ("threshold", "change")  # kinds that take a list or a "prefix/*" pattern
-_RULE_KEYS = {"enabled", "severity", "message", "remedy", "phases", "detail", "suggest"}
+_MULTI_METRIC = ("threshold", "change")  # kinds that take a list or a pattern ("a/*_w1")
+_HYSTERESIS_KEYS = {"raise_after", "clear_after"}
+_RULE_KEYS = {"enabled", "severity", "message", "remedy", "phases", "detail", "suggest",
+              "line"} | _HYSTERESIS_KEYS
 _DIAG_KEYS = {"enabled", "severity", "cause", "remedy", "phases", "suggest", "require",
-              "score", "conditions"}
-_TOP_KEYS = {"name", "channels", "validation", "phases", "ddp", "gradients", "loss", "rules",
+              "score", "conditions"} | _HYSTERESIS_KEYS
+_TOP_KEYS = {"name", "base", "channels", "validation", "phases", "ddp", "gradients", "loss",
+             "improvement", "hysteresis", "diversity", "reference", "remedies", "rules",
              "diagnoses"}
-# What a message template may name; every kind fills the ones it knows.
+# What a message template may name; every kind fills the ones it knows, and ``held`` is
+# how many judged epochs in a row the condition held when the rule was raised.
 MESSAGE_FIELDS = dict(value=1.0, threshold=1.0, metric="m", median=1.0, factor=1.0,
                       previous=1.0, change=0.5, streak=1, count=1, slope=1.0,
-                      denominator="d", window=1, length=1, min_count=1)
+                      denominator="d", window=1, length=1, min_count=1, held=1)
 
 
 def _is_int(v: Any) -> bool:
@@ -58,6 +71,12 @@ _CHECKS: dict[str, tuple[Any, str]] = {
     "bool": (lambda v: isinstance(v, bool), "true or false"),
     "number": (lambda v: (_is_int(v) or isinstance(v, float)) and math.isfinite(v), "a number"),
     "posint": (lambda v: _is_int(v) and v > 0, "a positive integer"),
+    "nonneg": (lambda v: (_is_int(v) or isinstance(v, float)) and math.isfinite(v) and v >= 0,
+               "a number >= 0"),
+    "positive": (lambda v: (_is_int(v) or isinstance(v, float)) and math.isfinite(v) and v > 0,
+                 "a number > 0"),
+    "method": (lambda v: isinstance(v, str) and v in IMPROVEMENT_METHODS,
+               f"one of {IMPROVEMENT_METHODS}"),
     "op": (lambda v: isinstance(v, str) and v in OPS, f"one of {OPS}"),
     "severity": (lambda v: isinstance(v, str) and v in SEVERITIES, f"one of {SEVERITIES}"),
     "detail": (lambda v: isinstance(v, str) and v in DETAILS, f"one of {DETAILS}"),
@@ -77,12 +96,17 @@ class ProfileError(ValueError):
     """A profile file that cannot be used; the message names the file and the key."""
 
 
+def matches(pattern: str, name: str) -> bool:
+    """A metric name against a rule's metric: exact, or a pattern with ``*`` ("a/*_w1")."""
+    return fnmatch.fnmatchcase(name, pattern) if "*" in pattern else name == pattern
+
+
 @dataclass(frozen=True)
 class Condition:
     """One test on the epoch's metrics (and the run's history of them)."""
 
     kind: str
-    metrics: tuple[str, ...]  # a name ending in "/*" matches every metric with that prefix
+    metrics: tuple[str, ...]  # a name with "*" matches every metric it fits ("loss_ratio/*")
     op: str = ">"
     threshold: float = 0.0
     denominator: str = ""
@@ -91,6 +115,7 @@ class Condition:
     min_count: int = 0
     length: int = 0
     latest: bool = False  # judge an absent metric by its latest value
+    relative: bool = False  # slope: in % of the window's mean value per epoch
 
 
 @dataclass(frozen=True)
@@ -105,6 +130,9 @@ class Rule:
     phases: tuple[int, ...] = ()  # empty: every phase
     detail: str = ""
     suggest: tuple[tuple[str, float | str], ...] = ()
+    raise_after: int = 1  # judged epochs in a row the condition holds before it is raised
+    clear_after: int = 1  # judged epochs in a row it does not hold before it clears
+    line: bool = False  # its threshold is drawn beside the metric (threshold/<name>)
 
 
 @dataclass(frozen=True)
@@ -120,12 +148,14 @@ class Diagnosis:
     remedy: str
     phases: tuple[int, ...] = ()
     suggest: tuple[tuple[str, float | str], ...] = ()
+    raise_after: int = 1
+    clear_after: int = 1
 
 
 @dataclass(frozen=True)
 class Profile:
     name: str
-    source: str  # the user's file, or the default's path
+    source: str  # the user's file, or the packaged profile's path
     knee_channel: str  # "" switches the knee metrics and rules off
     grf_channel: str
     knee_healthy_std: float
@@ -136,6 +166,18 @@ class Profile:
     loss_terms: tuple[str, ...]  # the loss terms in the order views show them
     rules: tuple[Rule, ...]
     diagnoses: tuple[Diagnosis, ...]
+    improvement_method: str = "best"  # how train/is_improving is judged (see the TOML)
+    improvement_margin: float = 0.0  # standard errors the improvement must exceed
+    improvement_window: int = 5  # "trend": epochs the slope is fitted over
+    duplicate_rms: float = 0.1  # near-duplicate pair: distance < this x data's median
+    max_windows: int = 256  # training windows the diversity reference holds
+    max_pairs: int = 4096  # sample pairs compared per validation
+    max_values: int = 16384  # values per channel and side in W1
+    reference_block_rows: int = 4096  # the kept training subsample: blocks of rows...
+    reference_max_values: int = 2_097_152  # ...holding at most this many raw values
+    actual: tuple[tuple[str, str], ...] = ()  # config key -> metric with the run's own value
+    base: str = DEFAULT_NAME  # the packaged profile this one is built on
+    switchable: bool = False  # the unmodified default: RunHealth may pick ``generic``
 
     def phase(self, epoch: int) -> int:
         for i, end in enumerate(self.phase_ends):
@@ -158,6 +200,17 @@ class Profile:
         return out
 
     @property
+    def lines(self) -> tuple[tuple[str, float], ...]:
+        """(metric or pattern, value): the thresholds drawn beside validation metrics as
+        ``threshold/<name>`` series (the guide's two healthy lines, then rules with
+        ``line = true``); emitted in the records at epochs that have the metric."""
+        out = [(f"validation/{k.removeprefix('threshold/')}", v)
+               for k, v in self.thresholds.items()]
+        out += [(m, r.condition.threshold) for r in self.rules if r.line
+                for m in r.condition.metrics]
+        return tuple(out)
+
+    @property
     def history_len(self) -> int:
         """How many past values of a metric the rules can look at."""
         conds = [r.condition for r in self.rules]
@@ -166,13 +219,20 @@ class Profile:
 
 
 def load_profile(path: str | Path | None = None) -> Profile:
-    """The default profile, with the TOML at ``path`` (if any) merged over it."""
-    data = _read(DEFAULT_PATH)
-    user: dict[str, Any] = {}
-    if path is not None:
-        user = _read(Path(path))
-        data = _merge(data, user)
-    return _Builder(data, user, str(DEFAULT_PATH), None if path is None else str(path)).build()
+    """The default profile; a packaged profile by name (``"generic"``); or the TOML at
+    ``path`` merged over its ``base`` (the default unless the file names another)."""
+    if path is None:
+        return _Builder(_read(DEFAULT_PATH), {}, str(DEFAULT_PATH), None, DEFAULT_NAME,
+                        switchable=True).build()
+    if str(path) in PACKAGED and not Path(path).exists():
+        name = str(path)
+        return _Builder(_read(PACKAGED[name]), {}, str(PACKAGED[name]), None, name).build()
+    user = _read(Path(path))
+    base = user.get("base", DEFAULT_NAME)
+    if not isinstance(base, str) or base not in PACKAGED:
+        raise ProfileError(f"{path}: base: expected one of {sorted(PACKAGED)}, got {base!r}")
+    data = _merge(_read(PACKAGED[base]), user)
+    return _Builder(data, user, str(PACKAGED[base]), str(path), base).build()
 
 
 def _read(path: Path) -> dict[str, Any]:
@@ -198,8 +258,10 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 class _Builder:
     """Validates the merged tables; each error names the file the bad key came from."""
 
-    def __init__(self, data: dict, user: dict, default: str, user_path: str | None) -> None:
+    def __init__(self, data: dict, user: dict, default: str, user_path: str | None,
+                 base: str, switchable: bool = False) -> None:
         self.data, self.user, self.default, self.user_path = data, user, default, user_path
+        self.base, self.switchable = base, switchable
 
     def fail(self, keys: tuple[str, ...], problem: str) -> ProfileError:
         node, origin = self.user, self.default
@@ -230,12 +292,25 @@ class _Builder:
         ok, want = _CHECKS[check]
         if not ok(v):
             raise self.fail(keys, f"expected {want}, got {v!r}")
-        return float(v) if check == "number" else v
+        return float(v) if check in ("number", "nonneg", "positive") else v
+
+    def hysteresis(self, keys: tuple[str, ...]) -> tuple[int, int]:
+        """(raise_after, clear_after) of a rule or diagnosis, else the [hysteresis] defaults."""
+        return tuple(self.get(keys + (k,), "posint", self.get(("hysteresis", k), "posint", 1))
+                     for k in ("raise_after", "clear_after"))  # type: ignore[return-value]
 
     def build(self) -> Profile:
         self.table((), self.data, _TOP_KEYS)
-        for section in ("channels", "validation", "phases", "ddp", "gradients", "loss"):
+        for section in ("channels", "validation", "phases", "ddp", "gradients", "loss",
+                        "improvement", "diversity", "reference", "remedies"):
             self.table((section,), self.data.get(section, {}), None)
+        self.table(("hysteresis",), self.data.get("hysteresis", {}), _HYSTERESIS_KEYS)
+        actual = self.table(("remedies", "actual"), _dig(self.data, ("remedies", "actual"))
+                            or {}, None)
+        for k, v in actual.items():
+            self.check(("remedies", "actual", k), v, "str")
+        knee = self.get(("channels", "knee"), "str", "")
+        grf = self.get(("channels", "grf"), "str", "")
         rules = tuple(self.rule(rid, body) for rid, body in
                       self.table(("rules",), self.data.get("rules", {}), None).items()
                       if self.get(("rules", rid, "enabled"), "bool", True))
@@ -245,26 +320,39 @@ class _Builder:
         return Profile(
             name=self.get(("name",), "str", "custom"),
             source=self.user_path or self.default,
-            knee_channel=self.get(("channels", "knee"), "str", ""),
-            grf_channel=self.get(("channels", "grf"), "str", ""),
-            knee_healthy_std=self.get(("validation", "knee_healthy_std"), "number"),
-            grf_healthy_std=self.get(("validation", "grf_healthy_std"), "number"),
+            knee_channel=knee, grf_channel=grf,
+            # a channel switched off needs no healthy threshold
+            knee_healthy_std=self.get(("validation", "knee_healthy_std"), "number",
+                                      None if knee else 0.0),
+            grf_healthy_std=self.get(("validation", "grf_healthy_std"), "number",
+                                     None if grf else 0.0),
             phase_ends=tuple(self.get(("phases", "ends"), "ends", [])),
             desync_rel_tol=self.get(("ddp", "desync_rel_tol"), "number"),
             report_params=self.get(("gradients", "report_params"), "posint"),
             loss_terms=tuple(self.get(("loss", "terms"), "names", [])),
-            rules=rules, diagnoses=diags)
+            rules=rules, diagnoses=diags,
+            improvement_method=self.get(("improvement", "method"), "method"),
+            improvement_margin=self.get(("improvement", "margin"), "nonneg"),
+            improvement_window=self.get(("improvement", "window"), "posint", 5),
+            duplicate_rms=self.get(("diversity", "duplicate_rms"), "positive"),
+            max_windows=self.get(("diversity", "max_windows"), "posint"),
+            max_pairs=self.get(("diversity", "max_pairs"), "posint"),
+            max_values=self.get(("diversity", "max_values"), "posint"),
+            reference_block_rows=self.get(("reference", "block_rows"), "posint"),
+            reference_max_values=self.get(("reference", "max_values"), "posint"),
+            actual=tuple(actual.items()), base=self.base, switchable=self.switchable)
 
     def condition(self, keys: tuple[str, ...], body: dict, extra: set[str]) -> Condition:
         kind = self.get(keys + ("kind",), "str")
         if kind not in KINDS:
             raise self.fail(keys + ("kind",), f"unknown kind {kind!r} (one of {sorted(KINDS)})")
         need = KINDS[kind]
-        self.table(keys, body, {"kind", "metric", "latest", *need} | extra)
+        optional = {"latest"} | ({"relative"} if kind == "slope" else set())
+        self.table(keys, body, {"kind", "metric", *optional, *need} | extra)
         metric = self.get(keys + ("metric",), "metric")
         if isinstance(metric, list) and kind not in _MULTI_METRIC:
             raise self.fail(keys + ("metric",), f"kind {kind!r} takes one metric name")
-        if kind not in _MULTI_METRIC and metric.endswith("/*"):
+        if kind not in _MULTI_METRIC and "*" in metric:
             raise self.fail(keys + ("metric",), f"kind {kind!r} takes no pattern")
         checks = {"op": "op", "threshold": "number", "denominator": "str", "factor": "number",
                   "window": "posint", "min_count": "posint", "length": "posint"}
@@ -273,7 +361,8 @@ class _Builder:
             raise self.fail(keys + ("min_count",), "is larger than window")
         metrics = (metric,) if isinstance(metric, str) else tuple(metric)
         return Condition(kind=kind, metrics=metrics,
-                         latest=self.get(keys + ("latest",), "bool", False), **fields)
+                         latest=self.get(keys + ("latest",), "bool", False),
+                         relative=self.get(keys + ("relative",), "bool", False), **fields)
 
     def suggest(self, keys: tuple[str, ...]) -> tuple[tuple[str, float | str], ...]:
         """Config values a remedy is about: name -> the guide's value (or a phrase)."""
@@ -293,6 +382,10 @@ class _Builder:
     def rule(self, rid: str, body: Any) -> Rule:
         keys = ("rules", rid)
         self.table(keys, body, None)
+        raise_after, clear_after = self.hysteresis(keys)
+        line = self.get(keys + ("line",), "bool", False)
+        if line and self.get(keys + ("kind",), "str") != "threshold":
+            raise self.fail(keys + ("line",), "only a threshold rule has a line to draw")
         return Rule(
             id=rid, condition=self.condition(keys, body, _RULE_KEYS),
             severity=self.get(keys + ("severity",), "severity"),
@@ -300,7 +393,8 @@ class _Builder:
             remedy=self.get(keys + ("remedy",), "str", ""),
             phases=tuple(self.get(keys + ("phases",), "phases", [])),
             detail=self.get(keys + ("detail",), "detail", ""),
-            suggest=self.suggest(keys + ("suggest",)))
+            suggest=self.suggest(keys + ("suggest",)),
+            raise_after=raise_after, clear_after=clear_after, line=line)
 
     def diagnosis(self, did: str, body: Any) -> Diagnosis:
         keys = ("diagnoses", did)
@@ -314,13 +408,15 @@ class _Builder:
         require = self.get(keys + ("require",), "posint", len(parsed))
         if require > len(parsed):
             raise self.fail(keys + ("require",), f"exceeds the {len(parsed)} conditions")
+        raise_after, clear_after = self.hysteresis(keys)
         return Diagnosis(
             id=did, conditions=parsed, require=require,
             score=self.get(keys + ("score",), "bool", False),
             severity=self.get(keys + ("severity",), "severity"),
             cause=self.get(keys + ("cause",), "str"), remedy=self.get(keys + ("remedy",), "str"),
             phases=tuple(self.get(keys + ("phases",), "phases", [])),
-            suggest=self.suggest(keys + ("suggest",)))
+            suggest=self.suggest(keys + ("suggest",)),
+            raise_after=raise_after, clear_after=clear_after)
 
 
 def _dig(data: dict, keys: tuple[str, ...]) -> Any:

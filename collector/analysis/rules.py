@@ -2,8 +2,11 @@
 
 No I/O. Each condition kind is one small function in ``_KINDS``; a rule or a diagnosis is
 profile data naming a kind and its parameters. ``RuleEngine`` keeps what the rules need to
-remember about a run: recent values of each metric and which rules are firing, so that an
-event is emitted once when a rule starts firing and once when it clears.
+remember about a run: recent values of each metric, which rules are raised, and for each
+how many judged epochs in a row its condition has held or not (hysteresis: a rule is
+raised after ``raise_after`` epochs in a row that hold and cleared after ``clear_after``
+in a row that do not), so that an event is emitted once when a rule is raised and once
+when it clears.
 
     engine = RuleEngine(profile)
     flags, events = engine.evaluate(values, phase=1, details={}, config={})
@@ -20,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from collector.analysis.kernels import window_median
-from collector.analysis.profile import Condition, Diagnosis, Profile, Rule
+from collector.analysis.profile import Condition, Diagnosis, Profile, Rule, matches
 from collector.records import CLEARED, RAISED, Event
 
 __all__ = ["History", "RuleEngine", "check", "format_value"]
@@ -32,7 +35,7 @@ _OPS: dict[str, Callable[[float, float], bool]] = {
 _BLANK = {"value": math.nan, "threshold": math.nan, "metric": "", "median": math.nan,
           "factor": math.nan, "previous": math.nan, "change": math.nan, "streak": 0,
           "count": 0, "slope": math.nan, "denominator": "", "window": 0, "length": 0,
-          "min_count": 0}
+          "min_count": 0, "held": 0}
 
 Result = dict[str, Any]  # "holds" plus the message fields the kind knows
 
@@ -74,8 +77,8 @@ def _value(c: Condition, name: str, values: dict[str, float], hist: History) -> 
 def _names(c: Condition, values: dict[str, float]) -> list[str]:
     out: list[str] = []
     for m in c.metrics:
-        if m.endswith("/*"):
-            out += sorted(k for k in values if k.startswith(m[:-1]))
+        if "*" in m:
+            out += sorted(k for k in values if matches(m, k))
         else:
             out.append(m)
     return out
@@ -164,6 +167,11 @@ def _slope(c: Condition, values: dict[str, float], hist: History) -> Result | No
     y = np.asarray([*recent, v], dtype=np.float64)
     x = np.arange(y.size, dtype=np.float64) - (y.size - 1) / 2.0
     slope = float(np.dot(x, y - y.mean()) / np.dot(x, x))
+    if c.relative:  # % of the window's mean value per epoch
+        mean = float(y.mean())
+        if mean == 0 or not math.isfinite(mean):
+            return None
+        slope = 100.0 * slope / abs(mean)
     return {"holds": _OPS[c.op](slope, c.threshold), "value": v, "metric": name,
             "slope": slope, "window": c.window, "threshold": c.threshold}
 
@@ -190,35 +198,60 @@ def format_value(v: Any) -> str:
     return f"{v:.4g}"
 
 
-def _suggestions(suggest: tuple[tuple[str, float | str], ...], config: dict[str, Any]) -> str:
+def _number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def _same(a: Any, b: Any) -> bool:
+    return _number(a) and _number(b) and math.isclose(float(a), float(b), rel_tol=1e-9)
+
+
+Actual = dict[str, tuple[str, float]]  # config key -> (metric, the value the run had)
+
+
+def _suggestions(suggest: tuple[tuple[str, float | str], ...], config: dict[str, Any],
+                 actual: Actual) -> str:
+    """What the remedy is about, as the run had it: the value its steps reported (e.g.
+    ``train/lr``) beside the config's, where both exist and differ."""
     parts = []
     for name, want in suggest:
         have = config.get(name)
-        if have is None or (not isinstance(want, str) and isinstance(have, int | float)
-                            and not isinstance(have, bool)
-                            and math.isclose(float(have), want, rel_tol=1e-9)):
+        metric, act = actual.get(name, ("", None))
+        if act is not None and have is not None and not _same(act, have):
+            said = (f"{name} is {format_value(act)} at the last step ({metric}; the config "
+                    f"says {format_value(have)})")
+        elif act is not None and have is None:
+            said = f"{name} is {format_value(act)} at the last step ({metric})"
+        elif have is not None:
+            said = f"{name} is {format_value(have)}"
+        else:
             continue
-        parts.append(f"{name} is {format_value(have)}; the guide suggests {format_value(want)}")
+        if not isinstance(want, str) and _same(act if act is not None else have, want):
+            continue
+        parts.append(f"{said}; the guide suggests {format_value(want)}")
     return ". ".join(parts)
 
 
-def _remedy(text: str, suggest: tuple[tuple[str, float | str], ...], config: dict) -> str:
-    extra = _suggestions(suggest, config)
+def _remedy(text: str, suggest: tuple[tuple[str, float | str], ...], config: dict,
+            actual: Actual | None = None) -> str:
+    extra = _suggestions(suggest, config, actual or {})
     return f"{text} {extra}." if extra and text else (text or extra)
 
 
 class RuleEngine:
     """One run's rule state; ``evaluate`` once per closed epoch, in epoch order.
 
-    ``active`` holds the rules (by id) and diagnoses (``diagnosis/<id>``) raised now. Every
-    rule the run has judged gets a flag each epoch from it, so a flag says the state at
-    every epoch, not only where it changed.
+    ``active`` holds the rules (by id) and diagnoses (``diagnosis/<id>``) raised now;
+    ``streaks`` holds, for each, the judged epochs in a row its condition held (> 0) or
+    did not (< 0). Every rule the run has judged gets a flag each epoch from ``active``,
+    so a flag says the state at every epoch, not only where it changed.
     """
 
     def __init__(self, profile: Profile) -> None:
         self.profile = profile
         self.history = History(profile.history_len)
         self.active: set[str] = set()
+        self.streaks: dict[str, int] = {}
         self.judged: dict[str, str] = {}  # flag name -> key in ``active``, once judged
 
     def snapshot(self) -> RuleEngine:
@@ -227,20 +260,35 @@ class RuleEngine:
         twin.profile = self.profile
         twin.history = self.history.copy()
         twin.active = set(self.active)
+        twin.streaks = dict(self.streaks)
         twin.judged = dict(self.judged)
         return twin
+
+    def actual(self, values: dict[str, float] | None = None) -> Actual:
+        """Config key -> (metric, value) the run itself reported (this epoch, else the
+        latest epoch that had it), for the keys the profile maps (``[remedies] actual``)."""
+        out: Actual = {}
+        for key, metric in self.profile.actual:
+            v = (values or {}).get(metric)
+            if v is None:
+                v = self.history.latest(metric)
+            if v is not None and math.isfinite(v):
+                out[key] = (metric, v)
+        return out
 
     def evaluate(self, values: dict[str, float], phase: int, details: dict[str, str],
                  config: dict[str, Any]) -> tuple[dict[str, int], list[Event]]:
         """Flags (``health/<id>``, ``diagnosis/<id>``: 1 while raised) and the changes."""
         scores: dict[str, int] = {}
         events: list[Event] = []
+        actual = self.actual(values)
         for rule in self.profile.rules:
             res = check(rule.condition, values, self.history) if _in(rule, phase) else None
             if res is not None:
                 self.judged.setdefault(f"health/{rule.id}", rule.id)
-            self._transition(rule.id, res, _in(rule, phase), events,
-                             lambda r, rule=rule: self._rule_event(rule, r, details, config))
+            self._transition(rule.id, res, _in(rule, phase), rule, events,
+                             lambda r, rule=rule: self._rule_event(rule, r, details, config,
+                                                                   actual))
         for diag in self.profile.diagnoses:
             res = self._diagnose(diag, values) if _in(diag, phase) else None
             key = f"diagnosis/{diag.id}"
@@ -249,8 +297,8 @@ class RuleEngine:
                 if diag.score:
                     scores[f"health/{diag.id}_score"] = res["count"]
                     self.judged.setdefault(f"health/{diag.id}", key)
-            self._transition(key, res, _in(diag, phase), events,
-                             lambda r, diag=diag: self._diag_event(diag, r, config))
+            self._transition(key, res, _in(diag, phase), diag, events,
+                             lambda r, diag=diag: self._diag_event(diag, r, config, actual))
         self.history.push(values)
         flags = {name: int(key in self.active) for name, key in self.judged.items()}
         return {**flags, **scores}, events
@@ -260,6 +308,7 @@ class RuleEngine:
         if key in self.active:
             return False
         self.active.add(key)
+        self.streaks[key] = max(self.streaks.get(key, 0), 1)
         return True
 
     def rule_event(self, rule_id: str, message: str, config: dict[str, Any]) -> Event | None:
@@ -267,19 +316,32 @@ class RuleEngine:
         for rule in self.profile.rules:
             if rule.id == rule_id:
                 return Event(rule.id, RAISED, rule.severity, message,
-                             _remedy(rule.remedy, rule.suggest, config))
+                             _remedy(rule.remedy, rule.suggest, config, self.actual()))
         return None
 
-    def _transition(self, key: str, res: Result | None, in_phase: bool, events: list[Event],
+    def _transition(self, key: str, res: Result | None, in_phase: bool,
+                    item: Rule | Diagnosis, events: list[Event],
                     start: Callable[[Result], Event]) -> None:
-        if res is not None and res["holds"]:
-            if key not in self.active:
-                self.active.add(key)
-                events.append(start(res))
-        elif key in self.active and (res is not None or not in_phase):
+        """Hysteresis: raised after ``raise_after`` judged epochs in a row that hold, cleared
+        after ``clear_after`` in a row that do not; an epoch that cannot judge it changes
+        nothing, and leaving its phases clears it at once."""
+        if not in_phase:
+            self.streaks.pop(key, None)
+            if key in self.active:
+                self.active.discard(key)
+                events.append(Event(key, CLEARED, "info", f"{key} cleared: out of its phase"))
+            return
+        if res is None:
+            return
+        run = self.streaks.get(key, 0)
+        run = max(run, 0) + 1 if res["holds"] else min(run, 0) - 1
+        self.streaks[key] = run
+        if key not in self.active and run >= item.raise_after:
+            self.active.add(key)
+            events.append(start({**res, "epochs_held": run}))
+        elif key in self.active and -run >= item.clear_after:
             self.active.discard(key)
-            why = "" if res is None else _cleared(res)
-            events.append(Event(key, CLEARED, "info", f"{key} cleared{why}"))
+            events.append(Event(key, CLEARED, "info", f"{key} cleared{_cleared(res, -run)}"))
 
     def _diagnose(self, diag: Diagnosis, values: dict[str, float]) -> Result | None:
         results = [(name, check(c, values, self.history)) for name, c in diag.conditions]
@@ -290,29 +352,34 @@ class RuleEngine:
         return {"holds": len(held) >= diag.require, "count": len(held), "held": held}
 
     def _rule_event(self, rule: Rule, res: Result, details: dict[str, str],
-                    config: dict[str, Any]) -> Event:
+                    config: dict[str, Any], actual: Actual) -> Event:
         try:
-            message = rule.message.format(**{**_BLANK, **res})
+            message = rule.message.format(**{**_BLANK, **res, "held": res["epochs_held"]})
         except (KeyError, IndexError, ValueError):
             message = f"{rule.id}: {res.get('metric')} = {res.get('value')}"
+        if rule.raise_after > 1 and "{held" not in rule.message:
+            message = f"{message} ({res['epochs_held']} epochs in a row)"
         if details.get(rule.detail):
             message = f"{message}; {details[rule.detail]}"
         return Event(rule.id, RAISED, rule.severity, message,
-                     _remedy(rule.remedy, rule.suggest, config))
+                     _remedy(rule.remedy, rule.suggest, config, actual))
 
-    def _diag_event(self, diag: Diagnosis, res: Result, config: dict[str, Any]) -> Event:
+    def _diag_event(self, diag: Diagnosis, res: Result, config: dict[str, Any],
+                    actual: Actual) -> Event:
+        held = f", {res['epochs_held']} epochs in a row" if diag.raise_after > 1 else ""
         message = (f"{diag.id.replace('_', ' ')}: {res['count']} of {len(diag.conditions)} "
-                   f"conditions hold ({', '.join(res['held'])}). Cause: {diag.cause}")
+                   f"conditions hold ({', '.join(res['held'])}{held}). Cause: {diag.cause}")
         return Event(f"diagnosis/{diag.id}", RAISED, diag.severity, message,
-                     _remedy(diag.remedy, diag.suggest, config))
+                     _remedy(diag.remedy, diag.suggest, config, actual))
 
 
 def _in(item: Rule | Diagnosis, phase: int) -> bool:
     return not item.phases or phase in item.phases
 
 
-def _cleared(res: Result) -> str:
+def _cleared(res: Result, after: int) -> str:
     v, metric = res.get("value"), str(res.get("metric", ""))
+    why = ""
     if isinstance(v, int | float) and metric and not metric.startswith("facts/"):
-        return f": {res['metric']} is {v:.4g}"
-    return ""
+        why = f": {res['metric']} is {v:.4g}"
+    return f"{why} ({after} epochs in a row)" if after > 1 else why

@@ -33,6 +33,7 @@ class EpochStats:
     metrics: dict[str, float] = field(default_factory=dict)
     nonfinite: dict[str, int] = field(default_factory=dict)  # what -> non-finite values
     nonfinite_ranks: set[int] = field(default_factory=set)
+    nonfinite_steps: dict[int, set[int]] = field(default_factory=dict)  # rank -> steps
     ranks_compared: int = 0  # ranks whose all-reduced values could be compared
     desync: dict[int, list[str]] = field(default_factory=dict)  # rank -> what differed
     largest_params: list[tuple[str, float]] = field(default_factory=list)
@@ -44,11 +45,22 @@ class EpochStats:
     def nonfinite_total(self) -> int:
         return sum(self.nonfinite.values())
 
+    @property
+    def nonfinite_step_numbers(self) -> list[int]:
+        """Steps with a non-finite loss or gradient norm on any rank, in order."""
+        return sorted(set().union(*self.nonfinite_steps.values())) if self.nonfinite_steps \
+            else []
+
     def count_nonfinite(self, what: str, n: int, rank: int | None = None) -> None:
         if n:
             self.nonfinite[what] = self.nonfinite.get(what, 0) + int(n)
             if rank is not None:
                 self.nonfinite_ranks.add(rank)
+
+    def bad_steps(self, rank: int, steps: np.ndarray) -> None:
+        """Steps of ``rank`` whose loss or gradient norm was not finite."""
+        if steps.size:
+            self.nonfinite_steps.setdefault(rank, set()).update(int(x) for x in steps)
 
 
 def _f64(a: np.ndarray) -> np.ndarray:
@@ -76,10 +88,12 @@ def _losses(inp: EpochInput, st: EpochStats) -> None:
     """Per-step losses of every rank, pooled with per-rank moments merged by Chan."""
     parts = []
     for rank in sorted(inp.steps):
-        loss = inp.steps[rank].loss
-        if loss.size:
-            parts.append(moments_1d(_f64(loss)))
+        s = inp.steps[rank]
+        if s.loss.size:
+            parts.append(moments_1d(_f64(s.loss)))
             st.count_nonfinite("loss", parts[-1][5], rank)
+            if parts[-1][5]:
+                st.bad_steps(rank, s.steps[~np.isfinite(s.loss)])
     n, mean, m2 = _pool(parts)
     if n == 0:
         return
@@ -87,6 +101,8 @@ def _losses(inp: EpochInput, st: EpochStats) -> None:
     st.metrics.update({"train/batch_loss_mean": mean, "train/batch_loss_std": std,
                        "train/batch_loss_max": float(max(p[4] for p in parts)),
                        "train/batch_loss_min": float(min(p[3] for p in parts))})
+    if n > 1:  # the standard error of the epoch's mean loss (sample std, ddof=1)
+        st.metrics["train/batch_loss_sem"] = math.sqrt(m2 / (n - 1) / n)
     if mean != 0:
         st.metrics["train/batch_loss_cv"] = std / abs(mean)
 
@@ -107,9 +123,11 @@ def _grad_norms(inp: EpochInput, st: EpochStats, tol: float) -> None:
     uniq, first = np.unique(all_steps, return_index=True)  # first: the lowest rank's value
     ref, ref_owner = all_vals[first], np.concatenate(owner)[first]
     n, mean, m2, lo, hi, bad = moments_1d(_f64(ref))
-    bad_owner = ref_owner[~np.isfinite(ref)]
+    bad = ~np.isfinite(ref)
+    bad_owner = ref_owner[bad]
     for r in np.unique(bad_owner).tolist():
         st.count_nonfinite("grad_norm", int(np.sum(bad_owner == r)), int(r))
+        st.bad_steps(int(r), uniq[bad][bad_owner == r])
     with_norms = sum(1 for v in vals if v.size)
     if with_norms > 1:
         st.ranks_compared = max(st.ranks_compared, with_norms)

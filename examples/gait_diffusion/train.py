@@ -234,7 +234,8 @@ def _train_epoch(job: _Job, epoch: int, tw: TrainerClient) -> list[torch.Tensor]
         job.opt.step()
         job.ema.update(job.net)
         terms = {k: v.detach() for k, v in terms.items()}
-        tw.log_step(loss.detach(), terms, model=job.net, grad_norm=grad_norm)
+        tw.log_step(loss.detach(), terms, model=job.net, grad_norm=grad_norm,
+                    lr=job.opt.param_groups[0]["lr"])
         rows.append(torch.stack([loss.detach(), grad_norm.detach(), *terms.values()]))
     return rows
 

@@ -275,9 +275,10 @@ def grad_norm_unstable(a: Args, c: Client) -> None:
 # -- 4. batch losses --------------------------------------------------------------------------
 @scenario
 def batch_loss_flat(a: Args, c: Client) -> None:
-    r = Run("batch_loss_flat", a, c, target_scale=0.05)  # small targets, a quiet model
+    # small targets, a quiet model that hardly learns: every batch's loss is ~the same
+    r = Run("batch_loss_flat", a, c, lr=1e-4, target_scale=0.005)
     with torch.no_grad():
-        r.net.out.weight.mul_(0.01)
+        r.net.out.weight.mul_(0.001)
         r.net.out.bias.zero_()
     _epochs(r, 2)
 
@@ -352,8 +353,20 @@ def stalled(a: Args, c: Client) -> None:
 
 @scenario
 def loss_increasing(a: Args, c: Client) -> None:
+    # The targets drift away step after step in epochs 2 and 3, faster in 3 (a data stream
+    # that shifts ever faster): the model lags behind more and more, and the loss rises from
+    # one epoch to the next; then it settles.
     r = Run("loss_increasing", a, c)
-    _epochs(r, 3, hooks={2: lambda: r.perturb_weights(0.5)})
+
+    def drift(rate: float) -> Callable[[int], dict]:
+        def hook(s: int) -> dict:
+            r.y.add_(rate)  # the batches are views of r.y: this step's targets move too
+            return {}
+        return hook
+
+    # a copy to drift: the tensor given to log_data_stats is the client's until it is sent
+    _epochs(r, 6, hooks={2: lambda: setattr(r, "y", r.y.clone())},
+            steps={2: {"step_hook": drift(0.5)}, 3: {"step_hook": drift(1.5)}})
 
 
 # -- 8. loss terms ---------------------------------------------------------------------------
@@ -365,7 +378,7 @@ def loss_term_dominant(a: Args, c: Client) -> None:
     def rebalance() -> None:
         r.term_weights["simple"] = 1.0
 
-    _epochs(r, 2, hooks={2: rebalance})
+    _epochs(r, 3, hooks={2: rebalance})
 
 
 # -- 9-11. validation samples -----------------------------------------------------------------
@@ -392,6 +405,15 @@ def knee_collapsed(a: Args, c: Client) -> None:
 @scenario
 def grf_collapsed(a: Args, c: Client) -> None:
     _validation_scenario("grf_collapsed", a, c, damp=(1.0, 0.002))
+
+
+@scenario
+def samples_unlike_data(a: Args, c: Client) -> None:
+    # Phase 2 (from epoch 4): the samples of epoch 4 are shifted by 3 data stds in the
+    # normalised units; those of epoch 5 are the model's own again.
+    r = Run("samples_unlike_data", a, c)
+    _epochs(r, 5, validate=lambda e: r.generate() + 3.0 if e == 4 else
+            (r.generate() if e == 5 else None))
 
 
 # -- facts ----------------------------------------------------------------------------------
