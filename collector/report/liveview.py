@@ -5,7 +5,8 @@ show. On a terminal the board is redrawn in place; in a batch job's log file a r
 line only when something it shows changed, so a week-long job does not fill the disk::
 
     console = board_console(sys.stdout)     # None unless stdout is a terminal
-    logging.getLogger().addHandler(board_log_handler(console))  # lines scroll above the board
+    if console is not None:                 # log lines then scroll above the board
+        logging.getLogger().addHandler(board_log_handler(console))
     view = make_view(sys.stdout, console)
     view.update({"uptime_s": 3.0, "recorded": 10, "unrecorded": 0, "rejected": {},
                  "runs": {"r1": {"epoch": 0, "ranks_connected": 2, "world_size": 2, ...}}})
