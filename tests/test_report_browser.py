@@ -53,16 +53,21 @@ def _chromium(browser: str, tmp: Path, *args: str) -> subprocess.CompletedProces
                           capture_output=True, text=True, timeout=180, check=True)
 
 
-def _look(browser: str, page: Path, name: str, tmp: Path, height: int) -> str:
+def _look(browser: str, page: Path, name: str, tmp: Path, height: int,
+          width: int = 1400) -> str:
     """Screenshot ``page`` into the artefacts; return its DOM after the scripts ran."""
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     png = ARTIFACTS / f"{name}.png"
     png.unlink(missing_ok=True)
     shutil.copy(page, ARTIFACTS / f"{name}.html")
-    _chromium(browser, tmp, f"--window-size=1400,{height}", f"--screenshot={png}",
+    _chromium(browser, tmp, f"--window-size={width},{height}", f"--screenshot={png}",
               page.as_uri())
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 50_000
-    return _chromium(browser, tmp, "--window-size=1400,1200", "--dump-dom",
+    return _dom(browser, page, tmp, width)
+
+
+def _dom(browser: str, page: Path, tmp: Path, width: int) -> str:
+    return _chromium(browser, tmp, f"--window-size={width},1200", "--dump-dom",
                      page.as_uri()).stdout
 
 
@@ -147,6 +152,8 @@ def test_a_sweep_as_chromium_shows_it(chromium, tmp_path) -> None:
     assert "validation/<channel>_std: per-channel std of the samples" in shown
     assert "validation/sample_diversity" in shown
     _check_figures(dom, 3 * 4 + 1)  # four panels each, one findings timeline
+    # the narrowest window that still shows two panels side by side: legends wrap the most
+    _check_figures(_dom(chromium, page, tmp_path, 1180), 3 * 4 + 1)
 
 
 def test_the_artefacts_are_written_where_ci_collects_them() -> None:

@@ -28,7 +28,7 @@ _CONFIG = {"displaylogo": False, "responsive": True, "displayModeBar": "hover",
            "modeBarButtonsToRemove": ["select2d", "lasso2d"]}
 AXIS_PX = 58  # tick labels and the axis title under the plot area
 LEGEND_ROW_PX = 21
-LEGEND_WIDTH_PX = 520  # the narrowest a card's plot gets (the page's grid: 560px columns)
+LEGEND_WIDTH_PX = 440  # legend room in the narrowest card (the grid: 560px columns)
 NICE_STEPS = (1, 2, 5, 10, 20, 25, 50, 100, 200, 250, 500, 1000, 2000, 5000, 10000)
 
 
