@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-dev
 
-.PHONY: install demo test bench soak reliability lint clean client-check gpu-check
+.PHONY: install browser demo test bench soak reliability lint clean client-check gpu-check
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -19,8 +19,16 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python examples/gait_diffusion/demo.py
 
-test: $(STAMP)
-	$(BIN)/python -m pytest -q -p no:cacheprovider
+# The report's browser test renders it in headless Chromium (Debian's package); it may only
+# skip where Chromium cannot be had, so `make test` installs it and requires it.
+browser:
+	@if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then \
+		export DEBIAN_FRONTEND=noninteractive; \
+		apt-get install -y -q chromium || { apt-get update -q && apt-get install -y -q chromium; }; \
+	fi
+
+test: $(STAMP) browser
+	TRAINWATCH_REQUIRE_BROWSER=1 $(BIN)/python -m pytest -q -p no:cacheprovider
 
 bench: $(STAMP)
 	$(BIN)/python -m pip install -q -e ".[dev,bench]"

@@ -95,7 +95,9 @@ def cmd_collect(args: argparse.Namespace) -> int:
             logging.WARNING if st.skipped or st.corrupted else logging.INFO,
             "continuing %s: state and outputs rebuilt from %s", earlier, st.summary())
     pipe.control(limits.control())  # recorded: a replay accepts and drops what this does
-    view = NullView() if args.no_view else make_view(sys.stdout)
+    # the board draws with the console log records go through (set up in main)
+    board = getattr(args, "board_console", None)
+    view = NullView() if args.no_view else make_view(sys.stdout, board)
     collector = Collector(args.bind, pipe, curve_keys=args.curve_keys, once=args.once,
                           quiet_s=args.quiet, view=view, max_msg_bytes=args.max_msg_mb << 20,
                           insecure=args.insecure)
@@ -263,15 +265,30 @@ def parser() -> argparse.ArgumentParser:
     return ap
 
 
-def main(argv: list[str] | None = None) -> int:
+def _log_handler(args: argparse.Namespace) -> logging.Handler:
+    """Where log records go: through the live board's console when ``collect`` draws one on
+    the terminal that stderr also shows (plain lines would land inside the board), else
+    plain lines on stderr. The console is kept on ``args`` for the board to draw with.
+    Every line stays one line: whatever a message quotes from a sender is escaped."""
+    from collector.report.liveview import board_console, board_log_handler
     from collector.text import SafeFormatter
 
-    args = parser().parse_args(argv)
-    # Every line one line: whatever a message quotes from a sender is escaped (collector.text).
+    args.board_console = None
+    if args.cmd == "collect" and not args.no_view and sys.stderr.isatty():
+        args.board_console = board_console(sys.stdout)
+    if args.board_console is not None:
+        handler = board_log_handler(args.board_console)
+        handler.setFormatter(SafeFormatter("%(name)s %(message)s"))
+        return handler
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(SafeFormatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    return handler
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        handlers=[handler])
+                        handlers=[_log_handler(args)])
     try:
         return int(args.func(args) or 0)
     except (OSError, ValueError, RuntimeError) as exc:  # bad paths, files, settings

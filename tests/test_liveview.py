@@ -9,7 +9,13 @@ import select
 
 from rich.console import Console
 
-from collector.report.liveview import PlainView, RichView, make_view
+from collector.report.liveview import (
+    PlainView,
+    RichView,
+    board_console,
+    board_log_handler,
+    make_view,
+)
 
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
@@ -164,3 +170,30 @@ def test_make_view_picks_by_terminal() -> None:
         assert b"gait-lr4e-4" in drawn
     finally:
         os.close(master)
+
+
+def test_log_records_go_through_the_board_console_above_the_board() -> None:
+    import logging
+
+    assert board_console(io.StringIO()) is None  # no terminal: no board, plain logging
+    buf = io.StringIO()
+    console = Console(file=buf, force_terminal=True, width=140)
+    view = make_view(io.StringIO(), console)  # the console given is the one drawn with
+    assert isinstance(view, RichView)
+    log = logging.getLogger("trainwatch.test-board")
+    handler = board_log_handler(console)
+    log.addHandler(handler)
+    log.propagate = False
+    try:
+        view.update(_status())
+        log.warning("[gait-lr4e-4] epoch 3 mode_collapse: samples collapsed")
+        view.update(_status(warnings=("mode_collapse",)))
+        view.close()
+    finally:
+        log.removeHandler(handler)
+        log.propagate = True
+    text = ANSI.sub("", buf.getvalue())
+    at = text.index("mode_collapse: samples collapsed")
+    # the board is drawn again after the line, below it (rich moves up over the old one)
+    assert text.rindex("trainwatch collector") > at
+    assert "WARNING" in text[:at + 60]

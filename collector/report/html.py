@@ -1,8 +1,8 @@
 """The HTML health report: one self-contained page from the collector's records.
 
 A verdict first, then the sweep table, then per run the seed's four dashboard panels, the
-health-event timeline, the diagnoses with their remedies and the per-rank counts. plotly.js
-is embedded once, so the file opens offline (it is about 5 MB)::
+timeline of what was raised, the diagnoses with their remedies and the per-rank counts.
+plotly.js is embedded once, so the file opens offline (it is about 5 MB)::
 
     write_report(records, "out/report.html", profile, ranks=pipeline.state.rank_table())
 
@@ -23,10 +23,12 @@ from collector.analysis.profile import Profile
 from collector.report import plots as report_plots
 from collector.report.model import (
     SEVERITY_RANK,
+    Finding,
     RunData,
     Verdict,
     epoch_spans,
     group_runs,
+    loss_trend,
     summary_row,
     verdict,
 )
@@ -38,11 +40,12 @@ SUMMARY_COLUMNS = (  # the seed's sweep priorities first
     ("min_total_loss", "min total loss"), ("first_knee_healthy_epoch", "first knee healthy"),
     ("first_grf_healthy_epoch", "first GRF healthy"), ("total_loss_slope", "loss slope"),
     ("grad_norm_mean_cv", "grad norm CV"), ("ema_diff_mean", "mean EMA diff"),
-    ("dropped", "dropped"), ("rejected", "rejected"),
+    ("dropped", "dropped"), ("rejected", "rejected"), ("seq_gaps", "sequence gaps"),
+    ("missing_ranks", "missing ranks"), ("late_epochs", "late epochs"),
 )
 PHASES = {1: "early training", 2: "convergence", 3: "fine-tuning"}  # the guide's names
 LEVEL_TEXT = {"healthy": "Healthy", "recovered": "Warnings earlier",
-              "warnings": "Healthy, with warnings", "unhealthy": "Unhealthy",
+              "warnings": "Warnings raised", "unhealthy": "Unhealthy",
               "no data": "No data yet"}
 LEVEL_ORDER = ("unhealthy", "warnings", "recovered", "no data", "healthy")
 
@@ -60,10 +63,11 @@ border:1px solid var(--line);border-radius:8px;padding:12px 16px;margin:12px 0}
 .badge{display:inline-block;padding:1px 8px;border-radius:10px;color:#fff;font-size:12px;
 font-weight:600}table{border-collapse:collapse;width:100%;background:#fff}
 th,td{padding:5px 9px;border-bottom:1px solid var(--line);text-align:left;
-vertical-align:top}th{background:#f1f5f9;font-weight:600}td.n{text-align:right;
+vertical-align:top}th{background:#f1f5f9;font-weight:600}td.n,th.n{text-align:right;
 font-variant-numeric:tabular-nums}tr.best td{background:#ecfdf5}.bad{color:var(--bad);
 font-weight:600}.ok{color:var(--good)}.empty{color:var(--mute);font-style:italic}
-.facts{color:var(--mute)}.facts b{color:#0f172a}.sev-critical,.sev-error{background:var(--bad)}
+.facts{color:var(--mute)}.facts b{color:#0f172a}.facts b.bad{color:var(--bad)}
+.facts b.ok{color:var(--good)}.sev-critical,.sev-error{background:var(--bad)}
 .sev-warning,.sev-warn{background:var(--warn)}.sev-info{background:var(--mute)}
 .remedy{border-left:4px solid var(--warn);padding:6px 12px;margin:8px 0;background:#fffbeb}
 details{margin:6px 0}summary{cursor:pointer;color:var(--mute)}
@@ -97,9 +101,15 @@ def _severity_badge(severity: str) -> str:
     return f'<span class="badge {cls}">{escape(severity)}</span>'
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _table(headers: Iterable[str], rows: Iterable[Iterable[str]], numeric: set[int],
            row_classes: list[str] | None = None) -> str:
-    head = "".join(f"<th>{h}</th>" for h in headers)
+    """Columns in ``numeric`` align right, their headers with them."""
+    head = "".join(f'<th class="n">{h}</th>' if j in numeric else f"<th>{h}</th>"
+                   for j, h in enumerate(headers))
     body = []
     for i, row in enumerate(rows):
         cls = f' class="{row_classes[i]}"' if row_classes and row_classes[i] else ""
@@ -109,6 +119,15 @@ def _table(headers: Iterable[str], rows: Iterable[Iterable[str]], numeric: set[i
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
 
 
+def _ended(run: RunData) -> str:
+    """How the run ended, in words; "" while it runs or when it finished normally."""
+    if run.ended is None or run.ended == "finished":
+        return ""
+    at = run.last_epoch()
+    return f"ended: {run.ended}" + (f" at epoch {at}" if at is not None else
+                                    ", before any epoch closed")
+
+
 def _verdict_header(title: str, runs: list[RunData], verdicts: list[Verdict],
                     ranks: dict | None) -> str:
     level = min((v.level for v in verdicts), key=LEVEL_ORDER.index, default="no data")
@@ -116,15 +135,31 @@ def _verdict_header(title: str, runs: list[RunData], verdicts: list[Verdict],
     if not runs:
         lines.append("No run has reported yet.")
     elif level == "healthy":
-        lines.append(f"All {len(runs)} run(s) healthy: no health rule fired.")
+        info = any(run.findings() for run in runs)  # info-level ones: healthy all the same
+        lines.append(f"All {len(runs)} run(s) healthy: " + (
+            "only info-level findings were raised." if info else "no health rule was raised."))
     for run, v in zip(runs, verdicts, strict=True):
-        if v.fired or v.diagnoses:
-            what = ", ".join(escape(r) for r in dict.fromkeys(v.fired + v.diagnoses))
-            now = (" — active now: " + ", ".join(escape(r) for r in v.active)) if v.active else ""
-            lines.append(f'<a href="#{run.anchor}">{escape(run.run)}</a>: {LEVEL_TEXT[v.level]}'
-                         f" — fired: {what}{now}")
-        elif v.level == "no data":
-            lines.append(f'<a href="#{run.anchor}">{escape(run.run)}</a>: no epoch closed yet')
+        link = f'<a href="#{run.anchor}">{escape(run.run)}</a>'
+        names = ", ".join
+        active = [f.key for f in v.findings if f.active and f.key not in v.collapse]
+        cleared = [f.key for f in v.findings if not f.active]
+        parts = []
+        if v.collapse:
+            parts.append("the generated samples collapsed: " + names(v.collapse))
+        trend = loss_trend(run)
+        if trend is not None and trend.rose:
+            parts.append(trend.text())
+        if active:
+            parts.append(("also " if v.collapse else "") + "raised at the last epoch: "
+                         + names(active))
+        if cleared:
+            parts.append("raised earlier, cleared by the last epoch: " + names(cleared))
+        if _ended(run):
+            parts.append(_ended(run))
+        if v.level == "no data":
+            parts.append("ended before any epoch closed" if run.ended else "no epoch closed yet")
+        if parts:
+            lines.append(f"{link}: {LEVEL_TEXT[v.level]} — " + escape(" — ".join(parts)))
     lost = sum(_lost(r, ranks) for r in runs)
     if lost:
         lines.append(f"Data incomplete: {lost} message(s) dropped or rejected.")
@@ -140,21 +175,22 @@ def _sweep_table(runs: list[RunData], verdicts: list[Verdict]) -> str:
                              _sort_num(t[2].get("min_total_loss"), math.inf)))
     extra = sorted({k for _, _, s in rows for k in s} - {k for k, _ in SUMMARY_COLUMNS}
                    - {"_live"})
-    headers = ["run", "verdict", "epochs"] + [h for _, h in SUMMARY_COLUMNS] + \
+    headers = ["run", "verdict", "ended", "last epoch"] + [h for _, h in SUMMARY_COLUMNS] + \
         [escape(k) for k in extra]
     table_rows, classes = [], []
     for i, (run, v, s) in enumerate(rows):
         live = ' <span class="facts">(live)</span>' if s.get("_live") else ""
         cells = [f'<a href="#{run.anchor}">{escape(run.run)}</a>{live}', _badge(v.level),
-                 _fmt(run.last_epoch())]
+                 escape(run.ended or "running"), _fmt(run.last_epoch())]
         cells += [_fmt(s.get(k)) for k, _ in SUMMARY_COLUMNS] + [_fmt(s.get(k)) for k in extra]
         table_rows.append(cells)
         classes.append("best" if i == 0 and len(rows) > 1 else "")
     note = ('<p class="facts">Ranked by the seed\'s sweep priorities: final knee and GRF '
-            "health, then the lowest total loss. (live) rows have no summary record yet; "
-            "their figures come from the epochs so far.</p>")
+            "health, then the lowest total loss."
+            + (" (live) rows have no summary record yet; their figures come from the epochs "
+               "so far." if any(s.get("_live") for _, _, s in rows) else "") + "</p>")
     return ("<h2>Sweep summary</h2>" + note +
-            _table(headers, table_rows, set(range(2, len(headers))), classes))
+            _table(headers, table_rows, set(range(3, len(headers))), classes))
 
 
 def _sort_num(value: Any, missing: float) -> float:
@@ -173,12 +209,17 @@ def _facts(run: RunData, v: Verdict, profile: Profile) -> str:
     last = run.last_metrics()
     facts = [f"world size <b>{_fmt(run.world_size)}</b>",
              f"epochs <b>{len(run.epochs)}</b> (last <b>{_fmt(run.last_epoch())}</b>)"]
+    if _ended(run):
+        facts.append(f"<b>{escape(_ended(run))}</b>")
+    trend = loss_trend(run)
+    if trend is not None and trend.rose:
+        facts.append(f'<b class="bad">{escape(trend.text())}</b>')
     phase = last.get("health/phase")
     if isinstance(phase, (int, float)) and math.isfinite(phase):
         facts.append(f"phase <b>{int(phase)}</b> ({_phase_text(int(phase), profile)})")
     score = last.get("health/mode_collapse_score")
     collapse = profile.diagnosis("mode_collapse")
-    if isinstance(score, (int, float)) and math.isfinite(score) and collapse is not None:
+    if _is_number(score) and math.isfinite(score) and collapse is not None:
         cls = "bad" if score >= collapse.require else "ok"
         facts.append(f'mode-collapse checklist <b class="{cls}">{int(score)}/'
                      f"{len(collapse.conditions)}</b> ({collapse.require} or more: collapse)")
@@ -187,15 +228,17 @@ def _facts(run: RunData, v: Verdict, profile: Profile) -> str:
                          ("Environment", run.env)):
         if values:
             rows = [(escape(str(k)), _fmt(val)) for k, val in sorted(values.items())]
+            numeric = {1} if all(_is_number(x) for x in values.values()) else set()
             out += (f"<details><summary>{name} ({len(rows)})</summary>"
-                    f"{_table(['key', 'value'], rows, {1})}</details>")
+                    f"{_table(['key', 'value'], rows, numeric)}</details>")
     return out
 
 
 def _panels(run: RunData, profile: Profile) -> str:
-    notes = ("no epoch has closed yet",
-             "no validation samples logged yet",
-             "no batch-loss, generation or EMA statistics yet",
+    yet = "" if run.ended else " yet"
+    notes = (f"no epoch has closed{yet}",
+             f"no validation samples were logged{yet}",
+             f"no batch-loss, generation or EMA statistics{yet}",
              "no loss components reported (loss_ratio/*)")
     cards = []
     for i, title in enumerate(report_plots.PANEL_TITLES):
@@ -205,41 +248,48 @@ def _panels(run: RunData, profile: Profile) -> str:
     return f'<div class="grid">{"".join(cards)}</div>'
 
 
-def _events(run: RunData) -> str:
-    out = "<h3>Health events</h3>"
-    timeline = report_plots.events_timeline(run.events, f"{run.anchor}-events")
+def _events(run: RunData, findings: list[Finding]) -> str:
+    out = "<h3>Health findings</h3>"
+    timeline = report_plots.findings_timeline(findings, sorted(run.epochs),
+                                              f"{run.anchor}-events")
     if timeline is None:
-        return out + '<p class="empty">No health event: every rule stayed quiet.</p>'
+        return out + '<p class="empty">No health rule or diagnosis was raised.</p>'
     rows = []
-    for rule, items in run.events_by_rule().items():
-        severity = min((str(e.get("severity", "warning")) for _, e in items),
-                       key=lambda s: SEVERITY_RANK.get(s.lower(), 2))
-        rows.append((escape(rule), _severity_badge(severity),
-                     escape(epoch_spans(e for e, _ in items)), str(len(items)),
-                     escape(str(items[-1][1].get("message", "")))))
+    for f in findings:
+        raised = epoch_spans(f.epochs) if f.epochs else "between epochs only"
+        rows.append((escape(f.key), _severity_badge(f.severity), escape(raised),
+                     str(len(f.raised_events)), escape(epoch_spans(f.cleared_at))
+                     if f.cleared_at else "—", "yes" if f.active else "no",
+                     escape(f.message)))
     return out + f'<div class="card">{timeline}</div>' + _table(
-        ["rule", "worst severity", "epochs", "count", "latest message"], rows, {3})
+        ["rule", "severity", "raised at epochs", "times raised", "cleared at",
+         "raised at the end", "latest message"], rows, {3})
 
 
-def _diagnoses(run: RunData) -> str:
+def _diagnoses(run: RunData, findings: list[Finding]) -> str:
     out = "<h3>Diagnoses and remedies</h3>"
-    diagnosed = run.diagnoses()
-    remedies = run.remedies()
     parts = []
-    for diag_id, epochs in diagnosed.items():
-        remedy = run.remedy_for(diag_id)
-        text = escape(remedy) if remedy else '<span class="empty">no remedy recorded</span>'
-        parts.append(f'<div class="remedy"><b>{escape(diag_id)}</b> '
-                     f'<span class="facts">(epochs {escape(epoch_spans(epochs))})</span>'
+    for f in findings:
+        if not f.is_diagnosis:
+            continue
+        text = escape(f.remedy) if f.remedy else '<span class="empty">no remedy recorded</span>'
+        when = f"epochs {epoch_spans(f.epochs)}" if f.epochs else "between epochs"
+        now = "; raised at the end" if f.active else ""
+        parts.append(f'<div class="remedy"><b>{escape(f.name)}</b> '
+                     f'<span class="facts">({escape(when)}{now})</span>'
                      f"<br>Remedy: {text}</div>")
-    shown = {run.remedy_for(d) for d in diagnosed}
-    other = [(rule, remedy) for rule, remedy in remedies.items() if remedy not in shown]
+    shown = {f.remedy for f in findings if f.is_diagnosis}
+    other = [(f.key, f.remedy) for f in findings if not f.is_diagnosis and f.remedy
+             and f.remedy not in shown and SEVERITY_RANK.get(f.severity.lower(), 2) < 3]
     if other:
+        if not parts:
+            parts.append('<p class="empty">No diagnosis was raised. The remedies of the '
+                         "rules that were:</p>")
         parts.append(_table(["rule", "remedy"],
                             [(escape(r), escape(m)) for r, m in other], set()))
     if not parts:
-        return out + ('<p class="empty">No diagnosis: none of the seed\'s problem patterns '
-                      "matched.</p>")
+        return out + ('<p class="empty">No diagnosis was raised: none of the profile\'s '
+                      "problem patterns matched.</p>")
     return out + "".join(parts)
 
 
@@ -274,9 +324,10 @@ def _lost(run: RunData, ranks: dict | None) -> int:
 def _run_section(run: RunData, v: Verdict, ranks: dict[str, Any] | None,
                  profile: Profile) -> str:
     counts = (ranks or {}).get(run.run)
+    findings = run.findings()
     return (f'<section id="{run.anchor}"><h2>Run {escape(run.run)}</h2>'
-            f"{_facts(run, v, profile)}{_panels(run, profile)}{_events(run)}{_diagnoses(run)}"
-            f"{_ranks(run, counts)}</section>")
+            f"{_facts(run, v, profile)}{_panels(run, profile)}{_events(run, findings)}"
+            f"{_diagnoses(run, findings)}{_ranks(run, counts)}</section>")
 
 
 def render_report(records: list[dict], profile: Profile, ranks: dict | None = None,
@@ -286,7 +337,7 @@ def render_report(records: list[dict], profile: Profile, ranks: dict | None = No
 
     title = title or "trainwatch health report"
     runs = group_runs(records)
-    verdicts = [verdict(run) for run in runs]
+    verdicts = [verdict(run, profile) for run in runs]
     sections = "".join(_run_section(r, v, ranks, profile)
                        for r, v in zip(runs, verdicts, strict=True))
     sweep = _sweep_table(runs, verdicts) if runs else ""

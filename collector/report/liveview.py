@@ -4,7 +4,10 @@ The collector calls ``update`` on every tick with a status dict; the view decide
 show. On a terminal the board is redrawn in place; in a batch job's log file a run gets a
 line only when something it shows changed, so a week-long job does not fill the disk::
 
-    view = make_view()
+    console = board_console(sys.stdout)     # None unless stdout is a terminal
+    if console is not None:                 # log lines then scroll above the board
+        logging.getLogger().addHandler(board_log_handler(console))
+    view = make_view(sys.stdout, console)
     view.update({"uptime_s": 3.0, "recorded": 10, "unrecorded": 0, "rejected": {},
                  "runs": {"r1": {"epoch": 0, "ranks_connected": 2, "world_size": 2, ...}}})
     view.close()
@@ -15,11 +18,17 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Callable
-from typing import Any, Protocol, TextIO
+from typing import TYPE_CHECKING, Any, Protocol, TextIO
 
 from collector.text import printable
 
-__all__ = ["NullView", "PlainView", "RichView", "StatusView", "make_view"]
+if TYPE_CHECKING:
+    import logging
+
+    from rich.console import Console
+
+__all__ = ["NullView", "PlainView", "RichView", "StatusView", "board_console",
+           "board_log_handler", "make_view"]
 
 Status = dict[str, Any]
 
@@ -40,13 +49,36 @@ class NullView:
         pass
 
 
-def make_view(stream: TextIO = sys.stdout) -> StatusView:
-    """A rich board when ``stream`` is a terminal, else a plain change log."""
+def _isatty(stream: Any) -> bool:
     isatty = getattr(stream, "isatty", None)
-    if callable(isatty) and isatty():
-        from rich.console import Console
+    return bool(callable(isatty) and isatty())
 
-        return RichView(Console(file=stream))
+
+def board_console(stream: TextIO = sys.stdout) -> Console | None:
+    """The rich console a board on ``stream`` draws with; None when it is not a terminal."""
+    if not _isatty(stream):
+        return None
+    from rich.console import Console
+
+    return Console(file=stream)
+
+
+def board_log_handler(console: Console) -> logging.Handler:
+    """Log records printed through the board's console: rich draws each line above the
+    board and the board again below it, so neither garbles the other."""
+    from rich.logging import RichHandler
+
+    return RichHandler(console=console, show_path=False, markup=False, rich_tracebacks=False,
+                       log_time_format="%Y-%m-%d %H:%M:%S")
+
+
+def make_view(stream: TextIO = sys.stdout, console: Console | None = None) -> StatusView:
+    """A rich board when ``stream`` is a terminal (drawn with ``console`` if given, the one
+    log records go through), else a plain change log."""
+    if console is None:
+        console = board_console(stream)
+    if console is not None:
+        return RichView(console)
     return PlainView(stream)
 
 

@@ -1,7 +1,16 @@
-"""The health report's reading of the records: runs, their epochs, events and verdicts.
+"""The health report's reading of the records: runs, their epochs, findings and verdicts.
 
-Pure functions over the record dicts of ``collector.sinks`` (no HTML, no plotting), so the
-verdict logic is testable and the page only formats.
+Pure functions over the records' JSON form (``MemorySink.json()`` or the JSONL's lines; no
+HTML, no plotting), so the verdict logic is testable and the page only formats::
+
+    runs = group_runs(records)
+    v = verdict(runs[0], profile)        # v.level, v.reasons, v.active ...
+
+Record semantics read here: an epoch record carries every metric, a 0/1 flag for every
+rule the run has judged (``health/<rule>``, ``diagnosis/<id>``) and ``raised``, the rules
+and diagnoses raised at the end of that epoch; its ``events`` are the changes (``kind``
+"raised" or "cleared"). A record with ``"amends": true`` adds to an epoch already written;
+later records of an epoch win. A summary's ``epoch`` is None when no epoch closed.
 """
 
 from __future__ import annotations
@@ -11,12 +20,15 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["SEVERITY_RANK", "RunData", "Verdict", "epoch_spans", "group_runs", "summary_row",
-           "verdict"]
+from collector.analysis.profile import Profile
+from collector.report.collapse import collapse_keys
+
+__all__ = ["SEVERITY_RANK", "Finding", "LossTrend", "RunData", "Verdict", "epoch_spans",
+           "group_runs", "loss_trend", "summary_row", "verdict"]
 
 SEVERITY_RANK = {"critical": 0, "error": 1, "warning": 2, "warn": 2, "info": 3}
-# health/* keys that are not 0/1 rule flags.
-NOT_FLAGS = {"health/mode_collapse_score", "health/phase"}
+CLEARED = "cleared"
+DIAGNOSIS = "diagnosis/"
 
 Event = dict[str, Any]
 
@@ -27,13 +39,54 @@ def _finite(value: Any) -> float | None:
     return float(value) if math.isfinite(value) else None
 
 
+def _rank(severity: Any) -> int:
+    return SEVERITY_RANK.get(str(severity).lower(), SEVERITY_RANK["warning"])
+
+
 def _rank_keys(value: Any) -> list[str]:
     """Rank ids from an epoch record's ``ranks``/``missing_ranks`` (a list, or a dict by rank)."""
-    if isinstance(value, dict):
-        return [str(k) for k in value]
-    if isinstance(value, (list, tuple, set)):
+    if isinstance(value, (dict, list, tuple, set)):
         return [str(k) for k in value]
     return []
+
+
+def _flags_raised(metrics: dict[str, Any]) -> set[str]:
+    """What an epoch's flags say is raised, for records without a ``raised`` list.
+
+    ``health/<id>`` of a diagnosis that writes a score mirrors ``diagnosis/<id>``: it is
+    counted once, as the diagnosis; ``*_score`` and ``health/phase`` are not flags.
+    """
+    out = set()
+    for key, value in metrics.items():
+        if _finite(value) != 1.0 or key.endswith("_score") or key == "health/phase":
+            continue
+        if key.startswith(DIAGNOSIS):
+            out.add(key)
+        elif key.startswith("health/") and DIAGNOSIS + key[7:] not in metrics:
+            out.add(key[7:])
+    return out
+
+
+@dataclass
+class Finding:
+    """One rule (``id``) or diagnosis (``diagnosis/<id>``) that was raised in a run."""
+
+    key: str
+    epochs: list[int]  # the epochs it was raised at, from each epoch's raised list
+    severity: str = "warning"  # its latest raise event's ("warning" when no event says)
+    raised_events: list[int] = field(default_factory=list)  # epochs of its raise events
+    cleared_at: list[int] = field(default_factory=list)
+    message: str = ""  # its latest raise message
+    remedy: str = ""
+    active: bool = False  # raised at the end of the run's last epoch (or raised after it)
+
+    @property
+    def is_diagnosis(self) -> bool:
+        return self.key.startswith(DIAGNOSIS)
+
+    @property
+    def name(self) -> str:
+        return self.key.removeprefix(DIAGNOSIS)
 
 
 @dataclass
@@ -47,9 +100,11 @@ class RunData:
     config: dict[str, Any] = field(default_factory=dict)
     data_stats: dict[str, Any] = field(default_factory=dict)
     epochs: dict[int, dict[str, Any]] = field(default_factory=dict)
+    raised: dict[int, set[str]] = field(default_factory=dict)  # epoch -> its raised list
     events: list[tuple[int, Event]] = field(default_factory=list)
     summary: dict[str, Any] = field(default_factory=dict)
-    missing: dict[str, int] = field(default_factory=dict)  # rank -> epochs it missed
+    ended: str | None = None  # the summary's word on how the run ended
+    missing_at: dict[int, set[str]] = field(default_factory=dict)  # epoch -> missing ranks
     ranks_seen: set[str] = field(default_factory=set)
     _event_keys: set[tuple[Any, ...]] = field(default_factory=set, repr=False)
 
@@ -57,8 +112,9 @@ class RunData:
         for event in events:
             if not isinstance(event, dict):
                 continue
-            key = (epoch, str(event.get("rule")), str(event.get("message")))
-            if key not in self._event_keys:  # an event may arrive in both record types
+            key = (epoch, str(event.get("rule")), str(event.get("kind", "raised")),
+                   str(event.get("message")))
+            if key not in self._event_keys:  # a record written twice says it once
                 self._event_keys.add(key)
                 self.events.append((epoch, event))
 
@@ -68,40 +124,58 @@ class RunData:
     def last_metrics(self) -> dict[str, Any]:
         return self.epochs[max(self.epochs)] if self.epochs else {}
 
-    def flags(self, prefix: str) -> dict[str, list[int]]:
-        """0/1 flags under ``prefix`` -> the epochs where each was 1, in first-raised order."""
-        raised: dict[str, list[int]] = {}
-        for epoch in sorted(self.epochs):
-            for key, value in self.epochs[epoch].items():
-                if key.startswith(prefix) and key not in NOT_FLAGS and _finite(value) == 1.0:
-                    raised.setdefault(key[len(prefix):], []).append(epoch)
-        return raised
-
-    def diagnoses(self) -> dict[str, list[int]]:
-        return self.flags("diagnosis/")
-
-    def events_by_rule(self) -> dict[str, list[tuple[int, Event]]]:
-        by_rule: dict[str, list[tuple[int, Event]]] = {}
-        for epoch, event in sorted(self.events, key=lambda t: t[0]):
-            by_rule.setdefault(str(event.get("rule")), []).append((epoch, event))
-        return by_rule
-
-    def remedies(self) -> dict[str, str]:
-        """Rule -> its latest non-empty remedy, for rules that fired above info."""
-        out: dict[str, str] = {}
-        for rule, items in self.events_by_rule().items():
-            for _, event in items:
-                sev = str(event.get("severity", "warning")).lower()
-                if event.get("remedy") and SEVERITY_RANK.get(sev, 2) < SEVERITY_RANK["info"]:
-                    out[rule] = str(event["remedy"])
+    @property
+    def missing(self) -> dict[str, int]:
+        """Rank -> how many epochs closed without it."""
+        out: dict[str, int] = {}
+        for ranks in self.missing_at.values():
+            for rank in ranks:
+                out[rank] = out.get(rank, 0) + 1
         return out
 
+    def raised_at(self, epoch: int) -> set[str]:
+        if epoch in self.raised:
+            return self.raised[epoch]
+        return _flags_raised(self.epochs.get(epoch, {}))
+
+    def findings(self) -> list[Finding]:
+        """Every rule and diagnosis ever raised, first raised first."""
+        found: dict[str, Finding] = {}
+        events = sorted(self.events, key=lambda t: t[0])
+        # first raised first; within an epoch, in the order its events said so
+        told = {(e, str(ev.get("rule"))): i for i, (e, ev) in reversed(list(enumerate(events)))}
+        first: dict[str, tuple[int, int, str]] = {}
+        for epoch in sorted(self.epochs):
+            for key in self.raised_at(epoch):
+                found.setdefault(key, Finding(key, [])).epochs.append(epoch)
+                first.setdefault(key, (epoch, told.get((epoch, key), len(events)), key))
+        last = self.last_epoch()
+        after: dict[str, bool] = {}  # raised (True) or cleared by an event after ``last``
+        for i, (epoch, event) in enumerate(events):
+            key = str(event.get("rule"))
+            f = found.setdefault(key, Finding(key, []))
+            first.setdefault(key, (epoch, i, key))
+            if event.get("kind") == CLEARED:
+                f.cleared_at.append(epoch)
+            else:
+                f.raised_events.append(epoch)
+                f.severity = str(event.get("severity") or "warning")
+                f.message = str(event.get("message") or "")
+                f.remedy = str(event.get("remedy") or "") or f.remedy
+            if last is None or epoch > last:
+                after[key] = event.get("kind") != CLEARED
+        now = self.raised_at(last) if last is not None else set()
+        for key, f in found.items():
+            f.active = after.get(key, key in now)
+        # a finding only cleared (its raise before the records began) is not one
+        return sorted((f for f in found.values() if f.epochs or f.raised_events),
+                      key=lambda f: first[f.key])
+
     def remedy_for(self, diagnosis: str) -> str | None:
-        """The remedy the events give for a diagnosis id (rule ``id`` or ``diagnosis/id``)."""
-        for rule in (diagnosis, f"diagnosis/{diagnosis}"):
-            for _, event in reversed(self.events_by_rule().get(rule, [])):
-                if event.get("remedy"):
-                    return str(event["remedy"])
+        """The remedy the events give for a diagnosis id (``id`` or ``diagnosis/id``)."""
+        for f in self.findings():
+            if f.key in (diagnosis, DIAGNOSIS + diagnosis) and f.remedy:
+                return f.remedy
         return None
 
     def lost(self) -> int:
@@ -122,6 +196,8 @@ def group_runs(records: Iterable[dict[str, Any]]) -> list[RunData]:
             run = runs[name] = RunData(run=name, anchor=f"run-{len(runs) + 1}")
         kind, metrics = record.get("type"), record.get("metrics") or {}
         epoch = record.get("epoch")
+        if isinstance(epoch, bool) or not isinstance(epoch, int):
+            epoch = None
         if kind == "run":
             ws = _finite(metrics.get("world_size"))
             run.world_size = int(ws) if ws is not None else run.world_size
@@ -132,70 +208,111 @@ def group_runs(records: Iterable[dict[str, Any]]) -> list[RunData]:
             run.data_stats.update(metrics)
         elif kind == "summary":
             run.summary.update({k.removeprefix("summary/"): v for k, v in metrics.items()})
-        elif kind == "epoch" and isinstance(epoch, int):
+            run.ended = str(record.get("ended") or "finished")
+        elif kind == "epoch" and epoch is not None:
             run.epochs.setdefault(epoch, {}).update(metrics)
             last_epoch[name] = max(epoch, last_epoch.get(name, epoch))
-            for rank in _rank_keys(record.get("missing_ranks")):
-                run.missing[rank] = run.missing.get(rank, 0) + 1
-            run.ranks_seen.update(_rank_keys(record.get("ranks")))
+            if isinstance(record.get("raised"), list):
+                run.raised[epoch] = {str(k) for k in record["raised"]}
+            if not record.get("amends"):  # an amendment says nothing of who reported
+                run.missing_at[epoch] = set(_rank_keys(record.get("missing_ranks")))
+                run.ranks_seen.update(_rank_keys(record.get("ranks")))
         if record.get("events"):
             # A run-level event (epoch None) is placed at the last epoch closed before it.
-            at = epoch if isinstance(epoch, int) else last_epoch.get(name, 0)
+            at = epoch if epoch is not None else last_epoch.get(name, 0)
             run.add_events(at, record["events"])
     return list(runs.values())
 
 
 @dataclass
+class LossTrend:
+    first: float  # mean train/total_loss of the first ``n`` epochs that have it
+    last: float  # ... and of the last ``n``
+    n: int
+
+    @property
+    def rose(self) -> bool:
+        return self.last > self.first
+
+    @property
+    def change(self) -> float:
+        return (self.last - self.first) / abs(self.first) if self.first else math.inf
+
+    def text(self) -> str:
+        pct = f" ({self.change:+.0%})" if math.isfinite(self.change) else ""
+        span = "epoch" if self.n == 1 else f"{self.n} epochs"
+        return (f"train/total_loss ended above where it started: first {span} "
+                f"{self.first:.4g}, last {span} {self.last:.4g}{pct}")
+
+
+def loss_trend(run: RunData) -> LossTrend | None:
+    """Where the training loss ended against where it started, robust to one noisy epoch.
+
+    Compares the mean finite ``train/total_loss`` of the run's first ``n`` epochs with that
+    of its last ``n``, ``n = clamp(epochs // 4, 1, 5)`` (the two windows never overlap).
+    None with fewer than two epochs that have a loss.
+    """
+    losses = [v for _, m in sorted(run.epochs.items())
+              if (v := _finite(m.get("train/total_loss"))) is not None]
+    if len(losses) < 2:
+        return None
+    n = max(1, min(5, len(losses) // 4))
+    return LossTrend(sum(losses[:n]) / n, sum(losses[-n:]) / n, n)
+
+
+@dataclass
 class Verdict:
     level: str  # "healthy" | "recovered" | "warnings" | "unhealthy" | "no data"
-    fired: list[str]  # rules that fired at any epoch, first-fired first
+    fired: list[str]  # rules raised at any epoch (above info), first raised first
     active: list[str]  # rules and diagnoses raised at the last epoch
-    diagnoses: list[str]
+    diagnoses: list[str]  # diagnoses raised at any epoch (ids without "diagnosis/")
+    reasons: list[str] = field(default_factory=list)  # why unhealthy, in words
+    collapse: list[str] = field(default_factory=list)  # validation-collapse findings raised
+    findings: list[Finding] = field(default_factory=list)  # those above info, as judged
 
 
-def verdict(run: RunData) -> Verdict:
-    """The run's health in one word.
+def verdict(run: RunData, profile: Profile | None = None) -> Verdict:
+    """The run's health in one word, and why.
 
-    unhealthy: a diagnosis or a critical/error rule is raised at the last epoch, or anything
-    was ever critical; warnings: only warning-level rules are raised at the last epoch;
-    recovered: rules fired earlier and none is raised now; healthy: nothing fired.
+    unhealthy: at the last epoch a diagnosis, a critical/error rule or a validation-collapse
+    finding (``collapse.collapse_keys``) is raised; or anything was ever critical; or the
+    training loss ended above where it started (``loss_trend``). warnings: only
+    warning-level rules are raised at the last epoch. recovered: rules were raised earlier
+    and none is now. healthy: nothing was raised. Info-level findings count for nothing.
     """
-    fired: list[str] = list(run.flags("health/"))
-    active: list[str] = []
-    last = run.last_epoch()
-    critical = False
-    severity: dict[str, int] = {}  # rule -> severity of its latest start event
-    for epoch, event in sorted(run.events, key=lambda t: t[0]):
-        rule = str(event.get("rule"))
-        sev = SEVERITY_RANK.get(str(event.get("severity", "warning")).lower(), 2)
-        if sev >= SEVERITY_RANK["info"] or rule.startswith("diagnosis/"):
-            continue
-        critical |= sev <= SEVERITY_RANK["error"]
-        severity[rule] = sev
-        if rule not in fired:
-            fired.append(rule)
-        if epoch == last and rule not in active:
-            active.append(rule)
-    last_metrics = run.last_metrics()
-    for rule in run.flags("health/"):
-        if _finite(last_metrics.get(f"health/{rule}")) == 1.0 and rule not in active:
-            active.append(rule)
-    diagnoses = list(run.diagnoses())
-    raised = [d for d in diagnoses if _finite(last_metrics.get(f"diagnosis/{d}")) == 1.0]
-    serious = critical or bool(raised) or any(
-        severity.get(r, SEVERITY_RANK["warning"]) <= SEVERITY_RANK["error"] for r in active)
-    active += raised
-    if not run.epochs and not fired:
+    collapse_ids = collapse_keys(profile)
+    findings = [f for f in run.findings() if _rank(f.severity) < SEVERITY_RANK["info"]]
+    fired = [f.key for f in findings if not f.is_diagnosis]
+    diagnoses = [f.name for f in findings if f.is_diagnosis]
+    active = [f.key for f in findings if f.active and not f.is_diagnosis]
+    active += [f.name for f in findings if f.active and f.is_diagnosis]
+    collapse = [f.key for f in findings if f.active and f.key in collapse_ids]
+    reasons = []
+    if collapse:
+        reasons.append("validation samples collapsed: " + ", ".join(collapse))
+    serious = [f.key for f in findings if f.active and f.key not in collapse and (
+        f.is_diagnosis or _rank(f.severity) <= SEVERITY_RANK["error"])]
+    if serious:
+        reasons.append("raised now: " + ", ".join(serious))
+    earlier = [f.key for f in findings if not f.active
+               and _rank(f.severity) == SEVERITY_RANK["critical"]]
+    if earlier:
+        reasons.append("critical earlier: " + ", ".join(earlier))
+    trend = loss_trend(run)
+    if trend is not None and trend.rose:
+        reasons.append(trend.text())  # always the last reason: the page shows it apart
+    if not run.epochs and not findings:
         level = "no data"
-    elif serious:
+    elif reasons:
         level = "unhealthy"
     elif active:
         level = "warnings"
-    elif fired or diagnoses:
+    elif findings:
         level = "recovered"
     else:
         level = "healthy"
-    return Verdict(level=level, fired=fired, active=active, diagnoses=diagnoses)
+    return Verdict(level=level, fired=fired, active=active, diagnoses=diagnoses,
+                   reasons=reasons, collapse=collapse, findings=findings)
 
 
 def summary_row(run: RunData) -> dict[str, Any]:
@@ -218,13 +335,16 @@ def summary_row(run: RunData) -> dict[str, Any]:
 
 def epoch_spans(epochs: Iterable[int | None]) -> str:
     """``[1, 2, 3, 7, 50]`` -> ``"1–3, 7, 50"``: short enough for a table cell."""
+    return ", ".join(str(a) if a == b else f"{a}–{b}" for a, b in spans(epochs)) or "run-level"
+
+
+def spans(epochs: Iterable[int | None]) -> list[tuple[int, int]]:
+    """``[1, 2, 3, 7]`` -> ``[(1, 3), (7, 7)]``: runs of consecutive epochs."""
     values = sorted({e for e in epochs if isinstance(e, int)})
-    spans: list[str] = []
-    i = 0
-    while i < len(values):
-        j = i
-        while j + 1 < len(values) and values[j + 1] == values[j] + 1:
-            j += 1
-        spans.append(str(values[i]) if i == j else f"{values[i]}–{values[j]}")
-        i = j + 1
-    return ", ".join(spans) or "run-level"
+    out: list[tuple[int, int]] = []
+    for v in values:
+        if out and v == out[-1][1] + 1:
+            out[-1] = (out[-1][0], v)
+        else:
+            out.append((v, v))
+    return out
