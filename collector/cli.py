@@ -42,7 +42,7 @@ def _outputs(args: argparse.Namespace, profile: Profile, default_wandb: str | No
 
         sinks.append(WandbSink(project=args.wandb_project, entity=args.wandb_entity,
                                group=args.wandb_group, mode=mode, dir=args.wandb_dir,
-                               thresholds=profile.thresholds, resume=resume,
+                               resume=resume,
                                # a replay outruns wandb's start-up: wait, never drop
                                block_when_full=replaying or resume))
     return sinks

@@ -140,12 +140,13 @@ class EpochRecord:
     ranks: Ranks = field(default_factory=Ranks)  # that reported the epoch
     missing: Ranks = field(default_factory=Ranks)  # of the run's world that did not
     amends: bool = False
+    profile: str = ""  # the name of the rules profile that judged it
 
     def json(self) -> dict[str, Any]:
         out = {"type": "epoch", "run": self.run, "epoch": self.epoch,
                "metrics": dict(self.metrics), "events": _events(self.events),
                "raised": list(self.raised), "ranks": self.ranks.json(),
-               "missing": self.missing.json()}
+               "missing": self.missing.json(), "profile": self.profile}
         if self.amends:
             out["amends"] = True
         return out

@@ -118,8 +118,9 @@ def make_run(run: str, epochs: int, collapse_at: int | None = None, world_size: 
                                 "Lower the learning rate (4e-4 -> 1e-4).")]})
         records.append({"type": "epoch", "run": run, "epoch": epoch, "metrics": m,
                         "events": events, "raised": sorted(now),
-                        "ranks": list(range(world_size)),
-                        "missing_ranks": [1] if epoch == 7 and world_size > 1 else []})
+                        "ranks": {"count": world_size, "ranges": [[0, world_size - 1]]},
+                        "missing": {"count": 1, "ranges": [[1, 1]]} if epoch == 7 and world_size > 1
+                        else {"count": 0, "ranges": []}})
         loss_prev = loss
     if summary:
         finite = [x for x in losses if math.isfinite(x)]
@@ -244,17 +245,20 @@ def test_collapsed_samples_and_a_rising_loss_are_never_healthy() -> None:
     page = render_report(recs, PROFILE)
     header = _header(page)
     assert "Unhealthy" in header and "Healthy" not in header.replace("Unhealthy", "")
-    assert "the generated samples collapsed: gen_std_low" in header
+    said = re.search(r"the generated samples collapsed: ([^—<]*)", header)
+    assert said and "gen_std_low" in said.group(1) and "knee_collapsed" in said.group(1)
     assert "train/total_loss ended above where it started" in header
 
 
 def test_a_warning_level_collapse_alone_is_unhealthy() -> None:
-    # Three channels of the model's own (no gait figures, so no critical knee/GRF rule):
-    # the only findings are the warning-level gen_std_low / gen_range_low.
+    # Three channels of the model's own (no gait figures, so no critical knee/GRF rule) and
+    # no training data to hold the samples against (so no critical duplicate finding): the
+    # only findings are the warning-level gen_std_low / gen_range_low.
     def narrow(epoch: int, rng: np.random.Generator, channels: int) -> np.ndarray:
         return (0.05 * rng.standard_normal((16, 32, channels))).astype(np.float32)
 
-    recs = records([run_messages("narrow", 8, samples=narrow, channels=("a", "b", "c"))])
+    recs = records([run_messages("narrow", 8, samples=narrow, channels=("a", "b", "c"),
+                                 data_stats=False)])
     run = group_runs(recs)[0]
     findings = {f.key: f for f in run.findings()}
     assert set(findings) <= {"gen_std_low", "gen_range_low"} and "gen_std_low" in findings
@@ -330,7 +334,8 @@ def test_diversity_and_per_channel_figures_render_from_the_records(tmp_path: Pat
     recs = records([run_messages("images", 6, channels=("r", "g"), seed=2)])
     for e in range(1, 7):
         recs.append({"type": "epoch", "run": "images", "epoch": e, "amends": True,
-                     "raised": [], "ranks": [], "missing_ranks": [], "events": [],
+                     "raised": [], "ranks": {"count": 0, "ranges": []},
+                     "missing": {"count": 0, "ranges": []}, "events": [],
                      "metrics": {"validation/r_std": 1.0, "validation/g_std": 0.9,
                                  "validation/r_mean": 0.1, "validation/g_mean": -0.1,
                                  "validation/r_w1": 0.3 / e, "validation/g_w1": 0.2 / e,
@@ -571,13 +576,14 @@ def test_a_record_written_twice_counts_once_and_amendments_win() -> None:
     epoch3 = next(r for r in recs if r["type"] == "epoch" and r["epoch"] == 3)
     again = [*recs, json.loads(json.dumps(epoch3)),
              {**json.loads(json.dumps(epoch3)), "amends": True, "raised": ["gen_std_low"],
-              "ranks": [], "missing_ranks": [],
+              "ranks": {"count": 0, "ranges": []},
+                     "missing": {"count": 0, "ranges": []},
               "metrics": {"validation/gen_std": 0.01, "health/gen_std_low": 1},
               "events": [_event("gen_std_low", "raised", "warning", "std 0.01")]}]
     run = group_runs(again)[0]
     assert run.epochs[3]["validation/gen_std"] == 0.01  # the amendment won
     assert run.epochs[3]["train/total_loss"] == epoch3["metrics"]["train/total_loss"]
-    assert run.missing == {} and run.raised_at(3) == {"gen_std_low"}
+    assert run.never_reported() == [] and run.raised_at(3) == {"gen_std_low"}
     assert [f.key for f in run.findings()] == ["gen_std_low"]
     assert run.findings()[0].epochs == [3] and not run.findings()[0].active
 

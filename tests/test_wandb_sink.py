@@ -17,16 +17,17 @@ from typing import Any
 
 import pytest
 from support.wandb_readback import find_offline_runs, iter_records, read_offline_run
+from support.wire_runs import run_messages, typed_records
 
-from collector.analysis.profile import load_profile
 from collector.records import (
+    CLEARED,
     RAISED,
     ConfigRecord,
     DataStatsRecord,
     EpochRecord,
     Event,
     EventRecord,
-    Ranks,
+    Record,
     RunRecord,
     SummaryRecord,
 )
@@ -38,11 +39,9 @@ from collector.sinks.wandb_sink import (
     wandb_run_id,
 )
 
-THRESHOLD_SERIES = load_profile(None).thresholds
-
 RUN_A, RUN_B = "gait/job-17:lr=1e-4", "job-18"
-EPOCHS_A, EPOCHS_B = 4, 3
-VALIDATION_EPOCHS = {1, 3}
+EPOCHS_A, EPOCHS_B = 12, 3
+EXPLODE_A = (3, 4, 5, 6, 9, 10)  # exploding_gradients raised, cleared, raised again
 _WANDB_ENV = ("WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE", "WANDB_MODE", "WANDB_PROJECT",
               "WANDB_ENTITY", "WANDB_RUN_GROUP", "WANDB_RUN_ID", "WANDB_SWEEP_ID",
               "WANDB_BASE_URL", "WANDB_DIR", "WANDB_TAGS", "WANDB_NOTES", "WANDB_JOB_TYPE")
@@ -63,91 +62,38 @@ def wandb_env(tmp_path_factory):
         yield home
 
 
-def _epoch_metrics(run: str, epoch: int) -> dict[str, float]:
-    base = 1.0 if run == RUN_A else 2.0
-    m = {
-        "train/total_loss": base / (epoch + 1), "train/grad_norm_mean": 2.0 - 0.1 * epoch,
-        "train/grad_norm_std": 0.3, "train/grad_norm_max": 4.0 + epoch,
-        "train/grad_norm_min": 0.5, "train/batch_loss_mean": base / (epoch + 1),
-        "train/batch_loss_std": 0.05, "train/batch_loss_cv": 0.1,
-        "model/weight_mean": 0.05, "model/ema_diff": 0.01 / (epoch + 1),
-        "train/is_improving": 1.0, "loss_ratio/simple": 0.6, "loss_ratio/vel": 0.4,
-    }
-    if run == RUN_A and epoch == 2:
-        m["train/loss_decrease_pct"] = float("nan")  # a diverging step reaches wandb as NaN
-    if run == RUN_A and epoch in VALIDATION_EPOCHS:
-        m.update({"validation/gen_std": 0.6, "validation/knee_r_std": 0.05 * epoch,
-                  "validation/knee_healthy": float(epoch == 3), "validation/grf_vz_r_std": 20.0,
-                  "validation/grf_healthy": 1.0})
-    return m
+def _run(name: str, epochs: int, **kw: Any) -> list[Record]:
+    """What the pipeline emits for one run's wire messages (the only shape sinks get)."""
+    return typed_records([run_messages(name, epochs, **kw)])
 
 
-def _event(rule: str, severity: str) -> Event:
-    return Event(rule, RAISED, severity, f"{rule} detected", f"fix {rule}")
-
-
-EVENTS_A = {2: [_event("mode_collapse", "warning")],
-            3: [_event("mode_collapse", "warning"), _event("exploding_gradients", "critical")]}
-LATE_EVENT = _event("rank_desync", "warning")
-
-
-def _rec(kind: str, run: str, epoch: int | None = None, metrics: dict | None = None,
-         events: list | None = None, **extra: Any) -> Any:
-    metrics, events = metrics or {}, tuple(events or ())
-    if kind == "run":
-        return RunRecord(run, metrics.get("world_size", 1), extra.get("env", {}))
-    if kind == "config":
-        return ConfigRecord(run, metrics)
-    if kind == "data_stats":
-        return DataStatsRecord(run, metrics)
-    if kind == "event":
-        return EventRecord(run, epoch or 0, 0, 0, events)
-    if kind == "summary":
-        return SummaryRecord(run, epoch, metrics)
-    raised = tuple(sorted({e.rule for e in events if e.kind == RAISED}))
-    flags = {f"health/{r}": 1 for r in raised}
-    return EpochRecord(run, epoch, {**metrics, **flags}, events, raised,
-                       Ranks.of(extra.get("ranks", [])), Ranks.of(extra.get("missing_ranks", [])))
-
-
-def _epoch_rec(run: str, epoch: int) -> Any:
-    return _rec("epoch", run, epoch, _epoch_metrics(run, epoch),
-                EVENTS_A.get(epoch, []) if run == RUN_A else [],
-                ranks=[0, 1], missing_ranks=[1] if epoch == 3 else [])
-
-
-def _records_ab() -> list[dict[str, Any]]:
-    a, b = RUN_A, RUN_B
+def _records_ab() -> list[Record]:
+    """Two runs interleaved; a's record after b's summary, then one of b's after it."""
     env_a = {"WANDB_PROJECT": "gait", "WANDB_ENTITY": "team-x", "WANDB_RUN_GROUP": "ddp"}
-    return [
-        _rec("run", a, metrics={"world_size": 2}, env=env_a),
-        _rec("run", b, metrics={"world_size": 1}, env={}),
-        _rec("config", a, metrics={"learning_rate": 1e-4, "batch_size": 64, "num_params": 12345}),
-        _rec("config", b, metrics={"learning_rate": 4e-4, "batch_size": 32}),
-        _rec("data_stats", a, metrics={"data_stats/normalized_mean": 0.01,
-                                       "data_stats/knee_r_std": 0.4}),
-        _epoch_rec(a, 0), _epoch_rec(b, 0), _epoch_rec(a, 1), _epoch_rec(b, 1),
-        _epoch_rec(b, 2), _epoch_rec(a, 2),
-        _rec("summary", b, metrics={"final/epochs": 3}),
-        _epoch_rec(a, 3),
-        _rec("event", a, None, events=[LATE_EVENT]),
-        _epoch_rec(b, 3),  # after b's summary: dropped
-        _rec("summary", a, metrics={"final/epochs": 4, "final/mode_collapse": 1}),
-    ]
+    a = _run(RUN_A, EPOCHS_A, validate_every=2, explode=EXPLODE_A, env=env_a)
+    b = _run(RUN_B, EPOCHS_B, samples=None, seed=1)
+    late_b = EpochRecord(RUN_B, EPOCHS_B + 1, {"train/total_loss": 1.0})  # after b's summary
+    return [*a[:4], *b, *a[4:], late_b]
+
+
+def _epochs(recs: list[Record], run: str) -> dict[int, dict]:
+    """Each epoch's metrics as the records say them (an amendment's over the original)."""
+    out: dict[int, dict] = {}
+    for r in recs:
+        if isinstance(r, EpochRecord) and r.run == run:
+            out.setdefault(r.epoch, {}).update(r.metrics)
+    return out
 
 
 @pytest.fixture(scope="module")
 def offline(wandb_env, tmp_path_factory):
     root = tmp_path_factory.mktemp("wandb_runs")
-    sink = WandbSink(dir=root / "ab", mode="offline", thresholds=THRESHOLD_SERIES)
+    sink = WandbSink(dir=root / "ab", mode="offline")
     cli = WandbSink(project="cli-proj", group="cli-group", dir=root / "cd", mode="offline")
     sweep_env = {"WANDB_SWEEP_ID": "swp123", "WANDB_RUN_ID": "agentrun1",
                  "WANDB_PROJECT": "sweep-proj"}
-    cd = [_rec("run", "job-c", metrics={"world_size": 1},
-               env={"WANDB_PROJECT": "env-proj", "WANDB_RUN_GROUP": "env-group"}),
-          _rec("run", "job-d", metrics={"world_size": 1}, env=sweep_env),
-          _epoch_rec("job-c", 0), _epoch_rec("job-d", 0),
-          _rec("summary", "job-c"), _rec("summary", "job-d")]
+    cd = _run("job-c", 2, env={"WANDB_PROJECT": "env-proj", "WANDB_RUN_GROUP": "env-group"})
+    cd += _run("job-d", 2, env=sweep_env, seed=2)
     records = _records_ab()
     worst_write_s = 0.0
     for rec in records:
@@ -166,11 +112,21 @@ def offline(wandb_env, tmp_path_factory):
             run = read_offline_run(run_dir)
             runs[run["name"]] = run
     return {"runs": runs, "stats": sink.stats, "cli_stats": cli.stats, "root": root,
-            "n_records": len(records), "worst_write_s": worst_write_s, "close_s": close_s}
+            "records": records, "worst_write_s": worst_write_s, "close_s": close_s}
 
 
-def _epoch_rows(run: dict) -> list[dict]:
-    return [row for row in run["history"] if "epoch" in row]
+def _epoch_rows(run: dict) -> dict[int, dict]:
+    """wandb's history by epoch: an amendment's row over the original's."""
+    out: dict[int, dict] = {}
+    for row in run["history"]:
+        if "epoch" in row:
+            out.setdefault(row["epoch"], {}).update(row)
+    return out
+
+
+def _same(a: Any, b: Any) -> bool:
+    return a == b or (isinstance(a, float) and math.isnan(a) and isinstance(b, float)
+                      and math.isnan(b))
 
 
 def test_one_wandb_run_per_training_run(offline):
@@ -184,8 +140,8 @@ def test_one_wandb_run_per_training_run(offline):
 
 def test_stats_count_every_record(offline):
     # every record written except b's epoch after its summary; writes never waited on wandb
-    assert offline["stats"] == {"written": offline["n_records"] - 1, "dropped": 1,
-                                "failed": 0, "alerts": 0}
+    n = len(offline["records"])
+    assert offline["stats"] == {"written": n - 1, "dropped": 1, "failed": 0, "alerts": 0}
     assert offline["cli_stats"]["failed"] == 0
     assert offline["worst_write_s"] < 1.0  # a queue put; waiting on wandb takes seconds
 
@@ -203,80 +159,88 @@ def test_cli_flags_win_over_env_but_a_sweep_keeps_its_own(offline):
 
 
 def test_config_holds_hyperparameters_and_world_size(offline):
-    a, b = offline["runs"][RUN_A], offline["runs"][RUN_B]
-    assert a["config"] == {"learning_rate": 1e-4, "batch_size": 64, "num_params": 12345,
-                           "world_size": 2}
-    assert b["config"]["learning_rate"] == 4e-4 and b["config"]["world_size"] == 1
+    a = offline["runs"][RUN_A]
+    cfg = next(r.config for r in offline["records"]
+               if isinstance(r, ConfigRecord) and r.run == RUN_A)
+    assert a["config"] == {**cfg, "world_size": 1}
 
 
-def test_one_history_row_per_epoch_at_step_epoch(offline):
+def test_every_metric_and_flag_equals_the_records_every_epoch(offline):
     for name, n in ((RUN_A, EPOCHS_A), (RUN_B, EPOCHS_B)):
-        run = offline["runs"][name]
-        assert len(run["history"]) == n  # nothing but the epoch rows
-        rows = _epoch_rows(run)
-        assert [row["epoch"] for row in rows] == list(range(n))
-        assert [row["_step"] for row in rows] == list(range(n))
-        for row in rows:
-            for key, value in _epoch_metrics(name, row["epoch"]).items():
-                assert math.isnan(row[key]) if math.isnan(value) else row[key] == value, key
-            assert row["ranks/reporting"] == 2
-            assert row["ranks/missing"] == (1 if row["epoch"] == 3 else 0)
-
-
-def test_thresholds_only_with_validation_and_data_stats_once(offline):
+        ours = _epochs(offline["records"][:-1], name)
+        rows = _epoch_rows(offline["runs"][name])
+        assert sorted(rows) == sorted(ours) == list(range(1, n + 1))
+        for epoch, metrics in ours.items():
+            for key, value in metrics.items():
+                assert _same(rows[epoch].get(key), value), (name, epoch, key)
+    # the rule stayed raised for epochs on end, cleared, and was raised again: wandb says it
     rows = _epoch_rows(offline["runs"][RUN_A])
-    for row in rows:
-        has_thresholds = all(row.get(k) == v for k, v in THRESHOLD_SERIES.items())
-        assert has_thresholds == (row["epoch"] in VALIDATION_EPOCHS)
-    assert rows[0]["data_stats/knee_r_std"] == 0.4
-    assert not any("data_stats/knee_r_std" in row for row in rows[1:])
+    raised = [e for e in sorted(rows) if rows[e]["health/exploding_gradients"] == 1]
+    assert raised == list(EXPLODE_A)
 
 
-def test_health_flags_are_the_records_own(offline):
+def test_rows_go_at_step_epoch_amendments_after_at_their_epoch(offline):
+    a = offline["runs"][RUN_A]
+    rows = [row for row in a["history"] if "epoch" in row]
+    assert [row["_step"] for row in rows] == sorted(row["_step"] for row in rows)
+    originals = [row for row in rows if "ranks/reporting" in row]
+    assert [row["epoch"] for row in originals] == list(range(1, EPOCHS_A + 1))
+    assert all(row["_step"] == row["epoch"] for row in originals)
+    assert all(row["ranks/reporting"] == 1 and row["ranks/missing"] == 0 for row in originals)
+
+
+def test_thresholds_where_the_records_have_them_and_data_stats_once(offline):
+    ours = _epochs(offline["records"], RUN_A)
     rows = _epoch_rows(offline["runs"][RUN_A])
-    assert [row["health/n_raised"] for row in rows] == [0, 0, 1, 2]
-    assert "health/mode_collapse" not in rows[1]
-    assert (rows[2]["health/mode_collapse"], rows[3]["health/mode_collapse"]) == (1, 1)
-    assert rows[3]["health/exploding_gradients"] == 1
+    with_thresholds = {e for e, m in ours.items() if "threshold/knee_r_std" in m}
+    assert with_thresholds == set(range(2, EPOCHS_A + 1, 2))  # the validation epochs
+    assert {e for e, row in rows.items() if "threshold/knee_r_std" in row} == with_thresholds
+    data = next(r.metrics for r in offline["records"]
+                if isinstance(r, DataStatsRecord) and r.run == RUN_A)
+    first = min(rows)
+    assert all(_same(rows[first][k], v) for k, v in data.items())
+    assert not any(k in row for k in data for e, row in rows.items() if e != first)
 
 
 def test_epoch_is_the_step_metric_and_summaries_aggregate(offline):
     a = offline["runs"][RUN_A]
     assert a["metrics"]["*"]["step_metric"] == "epoch"
     assert a["metrics"]["train/total_loss"] == {"step_metric": "epoch", "summary": ["min"]}
+    ours = _epochs(offline["records"], RUN_A)
     s = a["summary"]
-    assert s["train/total_loss"] == {"min": 0.25}
-    assert s["validation/knee_healthy"] == {"last": 1.0}
-    assert s["validation/grf_healthy"] == {"last": 1.0}
-    assert s["data_stats/normalized_mean"] == 0.01
-    assert s["final/epochs"] == 4 and s["final/mode_collapse"] == 1
-    assert offline["runs"][RUN_B]["summary"]["final/epochs"] == 3
+    assert s["train/total_loss"] == {"min": min(m["train/total_loss"] for m in ours.values())}
+    summary = next(r for r in offline["records"]
+                   if isinstance(r, SummaryRecord) and r.run == RUN_A)
+    assert all(_same(s[k], v) for k, v in summary.metrics.items())
+    assert s["trainwatch/ended"] == summary.ended == "finished"
 
 
-def test_events_table_accumulates(offline):
+def test_events_table_holds_every_event_the_records_hold(offline):
     a = offline["runs"][RUN_A]
     tables = a["tables"]
-    assert all(t["key"] == "health/events" and t["columns"] == EVENT_COLUMNS for t in tables)
-    assert [(t["epoch"], len(t["data"])) for t in tables[:2]] == [(2, 1), (3, 3)]
-    assert tables[1]["data"][1] == [3, "mode_collapse", "raised", "warning",
-                                    "mode_collapse detected", "fix mode_collapse"]
-    # the event after the last epoch reaches the summary's table
-    final = tables[-1]
-    assert final["step"] is None and len(final["data"]) == 4
-    assert final["data"][-1][:2] == [0, "rank_desync"]
-    assert offline["runs"][RUN_B]["tables"] == []
+    assert tables and all(t["key"] == "health/events" and t["columns"] == EVENT_COLUMNS
+                          for t in tables)
+    events = [[r.epoch, e.rule, e.kind, e.severity, e.message, e.remedy]
+              for r in offline["records"] if r.run == RUN_A
+              and isinstance(r, EpochRecord | EventRecord) for e in r.events]
+    assert tables[-1]["data"] == events  # the last table has them all, in order
+    assert ["exploding_gradients", "raised"] in [row[1:3] for row in events]
+    assert ["exploding_gradients", "cleared"] in [row[1:3] for row in events]
 
 
 def test_no_alerts_offline_by_default(offline):
     assert all(run["alerts"] == [] for run in offline["runs"].values())
 
 
+def _event(rule: str, severity: str) -> Event:
+    return Event(rule, RAISED, severity, f"{rule} detected", f"fix {rule}")
+
+
 def _feed(sink: WandbSink, run: str, n: int) -> float:
+    """A run's first ``n`` records: its run record and ``n - 1`` epochs (no summary)."""
     # wandb-core refuses a run id that one of this process's runs still holds: one per test
-    recs = [_rec("run", run, metrics={"world_size": 1}, env={})]
-    recs += [_epoch_rec(run, e) for e in range(n - 1)]
     worst = 0.0
-    for rec in recs:
+    for rec in [r for r in _run(run, n) if isinstance(r, RunRecord | EpochRecord)][:n]:
         t0 = time.perf_counter()
         sink.write(rec)
         worst = max(worst, time.perf_counter() - t0)
@@ -299,7 +263,7 @@ def test_dir_that_is_a_file_counts_failures(wandb_env, tmp_path):
     sink.close(timeout_s=30.0)
     sink.close(timeout_s=30.0)  # idempotent
     assert sink.stats["failed"] == 3 and sink.stats["written"] == 0
-    sink.write(_rec("run", "after-close"))
+    sink.write(RunRecord("after-close", 1))
     assert sink.stats["dropped"] == 1
 
 
@@ -338,23 +302,24 @@ def test_block_when_full_loses_nothing(wandb_env, tmp_path):
 
 def test_a_relaunched_run_gets_a_new_wandb_run(wandb_env, tmp_path):
     sink = WandbSink(dir=tmp_path, mode="offline")
-    for epochs in ([0, 1], [2]):
-        sink.write(_rec("run", "relaunched", metrics={"world_size": 1}, env={}))
-        for e in epochs:
-            sink.write(_epoch_rec("relaunched", e))
-        sink.write(_rec("summary", "relaunched"))
-    sink.write(_epoch_rec("relaunched", 3))  # after the summary, no run record: dropped
+    sessions = [_run("relaunched", 2, samples=None), _run("relaunched", 1, samples=None)]
+    for recs in sessions:
+        for rec in recs:
+            sink.write(rec)
+    late = EpochRecord("relaunched", 3, {"train/total_loss": 1.0})
+    sink.write(late)  # after the summary, no run record: dropped
     sink.close(timeout_s=30.0)
-    assert sink.stats == {"written": 7, "dropped": 1, "failed": 0, "alerts": 0}
+    n = sum(map(len, sessions))
+    assert sink.stats == {"written": n, "dropped": 1, "failed": 0, "alerts": 0}
     runs = [read_offline_run(d) for d in find_offline_runs(tmp_path)]
-    assert [[row["epoch"] for row in r["history"]] for r in runs] == [[0, 1], [2]]
+    assert [[row["epoch"] for row in r["history"]] for r in runs] == [[1, 2], [1]]
     assert {r["run_id"] for r in runs} == {"relaunched"}
 
 
 def test_open_runs_are_finished_as_failed_at_close(wandb_env, tmp_path):
     sink = WandbSink(dir=tmp_path, mode="offline")
     _feed(sink, "unfinished", 3)
-    sink.write(_rec("event", "unfinished", None, events=[LATE_EVENT]))
+    sink.write(EventRecord("unfinished", 2, 40, 1, (_event("rank_desync", "warning"),)))
     sink.close(timeout_s=30.0)
     (run_dir,) = find_offline_runs(tmp_path)
     run = read_offline_run(run_dir)
@@ -365,12 +330,13 @@ def test_open_runs_are_finished_as_failed_at_close(wandb_env, tmp_path):
 def test_alerts_on_each_raise_never_a_clear_within_the_per_minute_cap(wandb_env, tmp_path):
     sink = WandbSink(dir=tmp_path, mode="offline", alerts=True, alerts_per_min=3)
     a, b, c = (_event("a", "warning"), _event("b", "critical"), _event("c", "info"))
-    cleared = [Event(r, "cleared", "info", f"{r} cleared") for r in ("a", "b")]
-    sink.write(_rec("run", "alerting", metrics={"world_size": 1}, env={}))
-    for epoch, events in enumerate([[a], [b], cleared, [a]]):
-        sink.write(_rec("epoch", "alerting", epoch, {"train/total_loss": 1.0}, events))
-    sink.write(_rec("event", "alerting", None, events=[c]))  # over the cap: not sent
-    sink.write(_rec("summary", "alerting"))
+    cleared = (Event("a", CLEARED, "info", "a cleared"), Event("b", CLEARED, "info", "b cleared"))
+    sink.write(RunRecord("alerting", 1))
+    for epoch, events in enumerate([(a,), (b,), cleared, (a,)], start=1):
+        raised = tuple(e.rule for e in events if e.kind == RAISED)
+        sink.write(EpochRecord("alerting", epoch, {"train/total_loss": 1.0}, events, raised))
+    sink.write(EventRecord("alerting", 4, 9, 0, (c,)))  # over the cap: not sent
+    sink.write(SummaryRecord("alerting", 4, {}))
     sink.close(timeout_s=30.0)
     assert sink.stats["alerts"] == 3 and sink.stats["failed"] == 0
     (run_dir,) = find_offline_runs(tmp_path)

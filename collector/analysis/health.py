@@ -60,6 +60,7 @@ class EpochVerdict(NamedTuple):
     metrics: dict[str, Any]
     events: list[Event]
     raised: tuple[str, ...]
+    profile: str  # the name of the profile that judged it
 
 
 class _Evaluated(NamedTuple):
@@ -261,7 +262,8 @@ class RunHealth:
         flags, events = self.engine.evaluate(values, phase, details, self.config)
         metrics = {**m, **flags}
         self._epochs[epoch] = metrics
-        return EpochVerdict(epoch, metrics, events, tuple(sorted(self.engine.active)))
+        return EpochVerdict(epoch, metrics, events, tuple(sorted(self.engine.active)),
+                            self.profile.name)
 
     def summary(self, counts: dict[str, int]) -> dict[str, float]:
         """End-of-run figures for comparing runs in a sweep, plus the run's loss counts."""

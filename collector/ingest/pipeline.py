@@ -303,7 +303,7 @@ class Pipeline:
                       missing: Ranks = NO_RANKS, amends: bool = False) -> EpochRecord:
         self.active[run] = v.raised
         return EpochRecord(run, v.epoch, v.metrics, tuple(v.events), v.raised, ranks, missing,
-                           amends)
+                           amends, v.profile)
 
     def _emit(self, record: Record) -> None:
         self.records_out += 1

@@ -61,6 +61,27 @@ def _bundled() -> frozenset[str]:
     return frozenset(keys)
 
 
-def collapse_keys(profile: Profile | None = None) -> frozenset[str]:
-    """Rule ids and ``diagnosis/<id>`` keys whose raising means the samples collapsed."""
+@lru_cache(maxsize=8)
+def _named(name: str) -> frozenset[str] | None:
+    path = _PROFILES / f"{name}.toml"
+    if not name or not path.is_file():
+        return None
+    try:
+        return _of(load_profile(path))
+    except ProfileError:
+        return None
+
+
+def collapse_keys(profile: Profile | None = None, judged_by: str = "") -> frozenset[str]:
+    """Rule ids and ``diagnosis/<id>`` keys whose raising means the samples collapsed.
+
+    ``judged_by``: the name of the profile the records say judged the run. A packaged one
+    is read as shipped; ``profile`` (the report's own) when its name matches; with neither
+    at hand, every packaged profile's collapse findings and the guide's ids count.
+    """
+    if profile is not None and (not judged_by or judged_by == profile.name):
+        return DOCUMENTED | _of(profile)
+    named = _named(judged_by)
+    if named is not None:
+        return DOCUMENTED | named
     return DOCUMENTED | _bundled() | (_of(profile) if profile is not None else frozenset())

@@ -5,9 +5,9 @@
 
     url = create_workspace("gait-diffusion", entity="my-team")
 
-wandb panels have no threshold option, so the wandb sink logs the profile's thresholds
-(``Profile.thresholds``) as constant series beside the metrics and the validation panel
-plots them as lines.
+wandb panels have no threshold option, so the records carry the profile's thresholds
+(``threshold/*``) as constant series beside the validation metrics, and the validation
+panel plots them as lines.
 """
 
 from __future__ import annotations

@@ -293,25 +293,41 @@ def _diagnoses(run: RunData, findings: list[Finding]) -> str:
     return out + "".join(parts)
 
 
+RANK_ROWS = 64  # ranks the table lists at most: those with losses first, then the lowest
+
+
 def _ranks(run: RunData, counts: dict[Any, dict[str, Any]] | None) -> str:
     out = "<h3>Ranks</h3>"
-    by_name = {str(k): v for k, v in (counts or {}).items()}
-    names = set(by_name) | set(run.missing) | run.ranks_seen
-    if not names:
+    by_rank = {int(k): v for k, v in (counts or {}).items() if str(k).isdigit()}
+    lossy = [r for r, c in by_rank.items()
+             if (c.get("seq_gaps") or 0) > 0 or (c.get("reported_drops") or 0) > 0]
+    lossy += [r for r in by_rank if r not in lossy and run.missed(r)]
+    names = sorted(set(lossy[:RANK_ROWS]) | set(
+        (list(by_rank) or run.reported_ranks(RANK_ROWS))[:max(0, RANK_ROWS - len(lossy))]))
+    never = run.never_reported()
+    if not names and not never:
         return out + '<p class="empty">No per-rank counts for this run.</p>'
     rows = []
-    for name in sorted(names, key=lambda k: (0, int(k), k) if k.isdigit() else (1, 0, k)):
-        c = by_name.get(name) or {}
-        cells = [escape(name)]
+    for rank in names:
+        c = by_rank.get(rank) or {}
+        cells = [str(rank)]
         for key in ("messages", "seq_gaps", "reported_drops"):
             value = c.get(key)
             bad = key != "messages" and isinstance(value, (int, float)) and value > 0
             cells.append(f'<span class="bad">{_fmt(value)}</span>' if bad else _fmt(value))
-        n_missing = run.missing.get(name, 0)
+        n_missing = run.missed(rank)
         cells.append(f'<span class="bad">{n_missing}</span>' if n_missing else "0")
         rows.append(cells)
+    shown = len(set(by_rank) | {r for lo, hi in run.reported for r in (lo, hi)})
+    note = (f'<p class="facts">{len(names)} of {max(shown, len(names))} ranks shown: those '
+            "with losses first.</p>" if shown > len(names) else "")
+    if never:
+        n = sum(hi - lo + 1 for lo, hi in never)
+        spans = ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in never)
+        note += (f'<p class="bad">{n} rank(s) of the world never reported an epoch: '
+                 f"{escape(spans)}</p>")
     return out + _table(["rank", "messages", "sequence gaps", "reported drops",
-                         "epochs missing"], rows, {1, 2, 3, 4})
+                         "epochs missing"], rows, {1, 2, 3, 4}) + note
 
 
 def _lost(run: RunData, ranks: dict | None) -> int:

@@ -43,11 +43,26 @@ def _rank(severity: Any) -> int:
     return SEVERITY_RANK.get(str(severity).lower(), SEVERITY_RANK["warning"])
 
 
-def _rank_keys(value: Any) -> list[str]:
-    """Rank ids from an epoch record's ``ranks``/``missing_ranks`` (a list, or a dict by rank)."""
-    if isinstance(value, (dict, list, tuple, set)):
-        return [str(k) for k in value]
-    return []
+def _rank_ranges(value: Any) -> list[tuple[int, int]]:
+    """An epoch record's ``ranks``/``missing`` (a count and inclusive ranges) as ranges."""
+    if not isinstance(value, dict) or not isinstance(value.get("ranges"), list):
+        return []
+    return [(int(r[0]), int(r[1])) for r in value["ranges"]
+            if isinstance(r, list) and len(r) == 2 and all(isinstance(x, int) for x in r)]
+
+
+def _union(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    for lo, hi in sorted(ranges):
+        if out and lo <= out[-1][1] + 1:
+            out[-1] = (out[-1][0], max(out[-1][1], hi))
+        else:
+            out.append((lo, hi))
+    return out
+
+
+def _in(rank: int, ranges: list[tuple[int, int]]) -> bool:
+    return any(lo <= rank <= hi for lo, hi in ranges)
 
 
 def _flags_raised(metrics: dict[str, Any]) -> set[str]:
@@ -104,8 +119,9 @@ class RunData:
     events: list[tuple[int, Event]] = field(default_factory=list)
     summary: dict[str, Any] = field(default_factory=dict)
     ended: str | None = None  # the summary's word on how the run ended
-    missing_at: dict[int, set[str]] = field(default_factory=dict)  # epoch -> missing ranks
-    ranks_seen: set[str] = field(default_factory=set)
+    missing_at: dict[int, list[tuple[int, int]]] = field(default_factory=dict)  # ranges
+    reported: list[tuple[int, int]] = field(default_factory=list)  # ranks that reported
+    judged_by: str = ""  # the name of the profile that judged its epochs
     _event_keys: set[tuple[Any, ...]] = field(default_factory=set, repr=False)
 
     def add_events(self, epoch: int, events: Iterable[Event]) -> None:
@@ -124,13 +140,33 @@ class RunData:
     def last_metrics(self) -> dict[str, Any]:
         return self.epochs[max(self.epochs)] if self.epochs else {}
 
-    @property
-    def missing(self) -> dict[str, int]:
-        """Rank -> how many epochs closed without it."""
-        out: dict[str, int] = {}
-        for ranks in self.missing_at.values():
-            for rank in ranks:
-                out[rank] = out.get(rank, 0) + 1
+    def missed(self, rank: int) -> int:
+        """How many epochs closed without ``rank``."""
+        return sum(1 for ranges in self.missing_at.values() if _in(rank, ranges))
+
+    def never_reported(self) -> list[tuple[int, int]]:
+        """Ranks missing from some epoch that never reported one, as ranges."""
+        out: list[tuple[int, int]] = []
+        for lo, hi in _union([r for ranges in self.missing_at.values() for r in ranges]):
+            for rlo, rhi in _union(self.reported):  # cut what reported out of [lo, hi]
+                if rhi < lo or rlo > hi:
+                    continue
+                if rlo > lo:
+                    out.append((lo, rlo - 1))
+                lo = rhi + 1
+                if lo > hi:
+                    break
+            if lo <= hi:
+                out.append((lo, hi))
+        return out
+
+    def reported_ranks(self, limit: int) -> list[int]:
+        """Up to ``limit`` of the ranks that reported an epoch, lowest first."""
+        out: list[int] = []
+        for lo, hi in sorted(self.reported):
+            out.extend(range(lo, min(hi, lo + limit - len(out) - 1) + 1))
+            if len(out) >= limit:
+                break
         return out
 
     def raised_at(self, epoch: int) -> set[str]:
@@ -214,9 +250,13 @@ def group_runs(records: Iterable[dict[str, Any]]) -> list[RunData]:
             last_epoch[name] = max(epoch, last_epoch.get(name, epoch))
             if isinstance(record.get("raised"), list):
                 run.raised[epoch] = {str(k) for k in record["raised"]}
+            if isinstance(record.get("profile"), str) and record["profile"]:
+                run.judged_by = record["profile"]
             if not record.get("amends"):  # an amendment says nothing of who reported
-                run.missing_at[epoch] = set(_rank_keys(record.get("missing_ranks")))
-                run.ranks_seen.update(_rank_keys(record.get("ranks")))
+                run.missing_at[epoch] = _rank_ranges(record.get("missing"))
+                for r in _rank_ranges(record.get("ranks")):
+                    if r not in run.reported:
+                        run.reported.append(r)
         if record.get("events"):
             # A run-level event (epoch None) is placed at the last epoch closed before it.
             at = epoch if epoch is not None else last_epoch.get(name, 0)
@@ -280,7 +320,7 @@ def verdict(run: RunData, profile: Profile | None = None) -> Verdict:
     warning-level rules are raised at the last epoch. recovered: rules were raised earlier
     and none is now. healthy: nothing was raised. Info-level findings count for nothing.
     """
-    collapse_ids = collapse_keys(profile)
+    collapse_ids = collapse_keys(profile, run.judged_by)
     findings = [f for f in run.findings() if _rank(f.severity) < SEVERITY_RANK["info"]]
     fired = [f.key for f in findings if not f.is_diagnosis]
     diagnoses = [f.name for f in findings if f.is_diagnosis]

@@ -73,6 +73,15 @@ def _has(epochs: fg.Epochs, key: str) -> bool:
     return bool(fg.series(epochs, key)[0])
 
 
+def _recorded(epochs: fg.Epochs, key: str, fallback: dict[str, float]) -> float | None:
+    """The threshold the run's records carry (its own profile's), else the report's."""
+    for epoch in sorted(epochs, reverse=True):
+        v = epochs[epoch].get(key)
+        if isinstance(v, int | float) and not isinstance(v, bool):
+            return float(v)
+    return fallback.get(key)
+
+
 def _one(epochs: fg.Epochs, key: str, lines: list[tuple[float, str]]) -> Draw:
     def draw(fig, row: int) -> bool:
         drawn = fg.line(fig, row, epochs, key, markers=True)
@@ -91,7 +100,7 @@ def _rows(epochs: fg.Epochs, profile: Profile) -> list[tuple[str, Draw]]:
     shown: set[str] = set()
     if any(_has(epochs, k) for k in GAIT_KEYS):
         for key, unit in (("knee_r_std", "rad"), ("grf_vz_r_std", "N")):
-            thr = profile.thresholds.get(f"threshold/{key}")
+            thr = _recorded(epochs, f"threshold/{key}", profile.thresholds)
             lines = [] if thr is None else [(thr, f"threshold/{key} = {thr:g} {unit}")]
             rows.append((f"validation/{key} ({unit})", _one(epochs, f"validation/{key}", lines)))
         rows.append((

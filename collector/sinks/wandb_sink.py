@@ -129,8 +129,9 @@ class _Run:
 class WandbSink:
     """Writes trainwatch records to wandb on a daemon thread; see the module docstring.
 
-    ``thresholds`` (``Profile.thresholds``) are logged as constant series at validation
-    epochs. ``project``/``entity``/``group`` come from the CLI; unset, the run's forwarded
+    The validation thresholds reach wandb as the records' own ``threshold/*`` metrics
+    (constant series the panels draw as lines). ``project``/``entity``/``group`` come from
+    the CLI; unset, the run's forwarded
     ``WANDB_PROJECT``/``WANDB_ENTITY``/``WANDB_RUN_GROUP``, then the collector's own, then
     project "trainwatch". ``settings`` overrides the sink's wandb.Settings.
     ``block_when_full`` makes ``write`` wait for room instead of dropping: for uploading a
@@ -150,9 +151,8 @@ class WandbSink:
                  settings: Mapping[str, Any] | None = None, alerts_per_min: int = 6,
                  finish_timeout_s: float = 60.0, log_every_s: float = 10.0,
                  block_when_full: bool = False, alerts: bool | None = None,
-                 thresholds: Mapping[str, float] | None = None, resume: bool = False) -> None:
+                 resume: bool = False) -> None:
         self.mode = resolve_mode(mode)
-        self.thresholds = dict(thresholds or {})
         self._resume = resume
         self._owners: dict[str, str] = {}  # wandb run id -> the trainwatch run writing to it
         self.dir = None if dir is None else Path(dir)
@@ -356,8 +356,6 @@ class WandbSink:
             state.axes_defined = True
         row: dict[str, Any] = {**state.data_stats, **record.metrics, "epoch": epoch}
         state.data_stats = {}
-        if any(k.startswith("validation/") for k in record.metrics):
-            row.update(self.thresholds)
         row["health/n_raised"] = len(record.raised)
         if not record.amends:
             row["ranks/reporting"] = record.ranks.count

@@ -17,6 +17,7 @@ import numpy as np
 
 from collector.analysis.profile import Profile, load_profile
 from collector.ingest.pipeline import Pipeline
+from collector.records import Record
 from collector.sinks.jsonl import MemorySink
 from trainer_client import wire
 
@@ -48,13 +49,16 @@ def collapsed(epoch: int, rng: np.random.Generator, channels: int = 2) -> np.nda
 def run_messages(run: str, epochs: int, *, loss: Callable[[int], float] = falling,
                  samples: Samples | None = varied, channels: tuple[str, ...] = GAIT,
                  validate_every: int = 1, late_validation: bool = False,
-                 data_stats: bool = True, seed: int = 0) -> list[list[bytes]]:
+                 data_stats: bool = True, seed: int = 0, env: dict | None = None,
+                 explode: Iterable[int] = (), bye: bool = True) -> list[list[bytes]]:
     """One rank's messages for ``epochs`` epochs (numbered from 1, as the examples do).
 
     Each epoch's steps alternate ``loss(e) * (1 ± 0.1)`` (the epoch's mean is exactly
-    ``loss(e)``; batch losses vary, as real ones do), gradient norms 0.8-1.2. With
-    ``late_validation`` the samples of epoch E follow ``log_epoch(E)``.
+    ``loss(e)``; batch losses vary, as real ones do), gradient norms 0.8-1.2 (x150 in the
+    ``explode`` epochs). With ``late_validation`` the samples of epoch E follow
+    ``log_epoch(E)``. ``env``: the launcher's WANDB_* variables the hello forwards.
     """
+    explode = set(explode)
     rng = np.random.default_rng(seed)
     out: list[list[bytes]] = []
     seq = 0
@@ -71,7 +75,7 @@ def run_messages(run: str, epochs: int, *, loss: Callable[[int], float] = fallin
         arr = np.asarray(list(values), np.float64)
         return wire.Tensor(name, "float64", arr.shape, arr.tobytes())
 
-    send(wire.KIND_HELLO, {"host": "node-1", "pid": 1, "env": {}}, 0)
+    send(wire.KIND_HELLO, {"host": "node-1", "pid": 1, "env": dict(env or {})}, 0)
     send(wire.KIND_CONFIG, {"config": {"learning_rate": 1e-4, "batch_size": 32,
                                        "epochs": epochs}, "num_params": 1000}, 0)
     if data_stats:
@@ -92,7 +96,8 @@ def run_messages(run: str, epochs: int, *, loss: Callable[[int], float] = fallin
         for s in range(STEPS):
             step += 1
             value = mean_loss * (1.1 if s % 2 else 0.9)
-            send(wire.KIND_STEP, [value, 1.0 + 0.2 * math.sin(s), ["simple", "vel"],
+            gn = (1.0 + 0.2 * math.sin(s)) * (150.0 if epoch in explode else 1.0)
+            send(wire.KIND_STEP, [value, gn, ["simple", "vel"],
                                   [0.6 * value, 0.4 * value], 1e-4], current)
         due = samples is not None and epoch % validate_every == 0
         if due and not late_validation:
@@ -104,15 +109,27 @@ def run_messages(run: str, epochs: int, *, loss: Callable[[int], float] = fallin
         current = epoch + 1
         if due and late_validation:
             validate(epoch)
-    send(wire.KIND_BYE, {}, current)
+    if bye:
+        send(wire.KIND_BYE, {}, current)
     return out
 
 
-def records(runs: Iterable[list[list[bytes]]], profile: Profile | None = None) -> list[dict]:
-    """The records ``Pipeline`` emits for these runs' messages, in its order."""
-    pipe = Pipeline(profile or load_profile(None), MemorySink())
+def typed_records(runs: Iterable[list[list[bytes]]], profile: Profile | None = None,
+                  finish: bool = True) -> list[Record]:
+    """The typed records ``Pipeline`` emits for these runs' messages, in its order (what a
+    sink is given); ``finish``: and those of finishing what is open."""
+    sink = MemorySink()
+    pipe = Pipeline(profile or load_profile(None), sink)
     for messages in runs:
         for frames in messages:
             pipe.feed(frames)
-    pipe.finish()
-    return pipe.sink.json()
+    if finish:
+        pipe.finish()
+    return list(sink.records)
+
+
+def records(runs: Iterable[list[list[bytes]]], profile: Profile | None = None) -> list[dict]:
+    """The records ``Pipeline`` emits for these runs' messages, in their JSON form."""
+    sink = MemorySink()
+    sink.records = typed_records(runs, profile)
+    return sink.json()
