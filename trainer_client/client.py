@@ -31,6 +31,7 @@ import logging
 import os
 import random
 import socket
+import sys
 import threading
 import time
 import weakref
@@ -75,9 +76,20 @@ def _after_fork_in_child() -> None:
 
 
 def _close_all_at_exit() -> None:
-    # A script that forgets close() still says goodbye, so the collector sees the run end.
+    # A script that forgets close() still says goodbye, so the collector sees the run end,
+    # and how: a Ctrl-C or an exception that ended the script (Python keeps the last
+    # unhandled one in sys.last_exc) makes it an interrupted or crashed run.
+    ended = _how_it_ended(getattr(sys, "last_exc", None) or getattr(sys, "last_value", None))
     for client in list(_clients):
-        client.close(timeout=2.0)
+        client.close(timeout=2.0, ended=ended)
+
+
+def _how_it_ended(exc: BaseException | None) -> str:
+    if exc is None:
+        return "finished"
+    if isinstance(exc, KeyboardInterrupt):
+        return "interrupted"
+    return f"crashed: {type(exc).__name__}"
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
@@ -348,10 +360,12 @@ class TrainerClient:
         self._enqueue(wire.KIND_VALIDATION, lambda h: (body, [raw(h, "samples", dtype)]),
                       host, event, host.numel() * host.element_size(), epoch=int(epoch))
 
-    def close(self, timeout: float = 5.0) -> None:
+    def close(self, timeout: float = 5.0, ended: str = "finished") -> None:
         """Send what can be sent within ``timeout`` seconds, then say goodbye. Always returns.
 
-        With no collector ever connected it returns at once (what was queued is counted as
+        ``ended``: how the run ended, as the summary will say it ("finished", or e.g.
+        "interrupted"; ``with TrainerClient() as tw:`` says so for an exception). With no
+        collector ever connected it returns at once (what was queued is counted as
         ``no_peer``); a local collector is waited for, it may still be starting.
         """
         with self._lock:
@@ -365,7 +379,7 @@ class TrainerClient:
         deadline = time.monotonic() + max(0.0, timeout)
         seq = next(self._seq)
         final = Item(wire.KIND_BYE, seq, self._step, self._epoch, self._sender.enq_dropped,
-                     lambda _h: ({"stats": self._final_stats()}, []))
+                     lambda _h: ({"stats": self._final_stats(), "ended": str(ended)[:64]}, []))
         if not self._sender.close(deadline, final):
             _log.warning("trainwatch: close() timed out after %.1fs", timeout)
         if self._local is not None:
@@ -374,8 +388,8 @@ class TrainerClient:
     def __enter__(self) -> TrainerClient:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
+        self.close(ended=_how_it_ended(exc))
 
     # -- internals -------------------------------------------------------------------
     def _enqueue(self, kind: int, build: Any, host: Any = None, event: Any = None,

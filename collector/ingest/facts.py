@@ -41,6 +41,7 @@ class DataChunk:
     channels: list[str]
     consts: DataConstants | None
     last: bool
+    rows: tuple[int, int] | None = None  # (rows the data had, rows sent), when the client said
 
 
 @dataclass(frozen=True, slots=True)

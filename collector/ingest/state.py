@@ -122,6 +122,7 @@ class RunState:
         self.data_count = 0  # chunks announced by chunk 0
         self.data_seen: set[int] = set()  # never sized by the sender's claim
         self.data_channels: list[str] = []
+        self.data_rows: tuple[int, int] | None = None  # chunk 0's rows_total, rows_sent
         self.finished = False
         self.finished_seen: float | None = None  # live clock: when a tick first saw it
         self.finished_ranks: set[int] = set()  # of range(world_size): their current said bye
@@ -422,13 +423,15 @@ class State:
             c = {k: np.frombuffer(msg.tensors[k].data, np.float64).copy()
                  if k in msg.tensors else None for k in ("mean", "std")}
             consts = DataConstants(run.data_channels, c["mean"], c["std"])
+            if body.get("rows_total") is not None:
+                run.data_rows = (body["rows_total"], body["rows_sent"])
         if msg.rank != run.data_rank or body["index"] in run.data_seen \
                 or body["index"] >= run.data_count or body["channels"] != run.data_channels:
             return  # another rank's copy, a repeat, or a chunk that contradicts chunk 0
         run.data_seen.add(body["index"])
         t = msg.tensors["chunk"]
         out.append(DataChunk(run.run, raw_array(t), t.dtype, run.data_channels, consts,
-                             len(run.data_seen) == run.data_count))
+                             len(run.data_seen) == run.data_count, run.data_rows))
 
     def _note(self, run: RunState, key: str, out: list[Fact], message: str) -> None:
         if key not in run.noted and len(run.noted) < 100:  # once each, and a few at most

@@ -1,0 +1,80 @@
+"""How a run ends, told truly: no epoch at all, a Ctrl-C in the middle of one, a script that
+crashes, and data sent as a sample of its rows (real training processes, a real collector)."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import CollectorProc, env
+
+SCRIPT = """
+import sys, time, torch
+from trainer_client import TrainerClient
+tw = TrainerClient(endpoint=sys.argv[1], run=sys.argv[2], rank=0, world_size=1)
+m = torch.nn.Linear(4, 2)
+data = torch.randn(5000, 2)
+tw.log_data_stats(data, ["a", "b"], max_rows=1000)
+mode = sys.argv[3]
+for epoch in (1, 2, 3):
+    for step in range(6):
+        loss = m(torch.randn(8, 4)).pow(2).mean()
+        loss.backward()
+        tw.log_step(loss, model=m)
+        m.zero_grad()
+        if mode != "none" and epoch == 3 and step == 3:
+            print("ready", flush=True)
+            if mode == "crash":
+                raise RuntimeError("the loop broke")
+            time.sleep(60)  # the test interrupts it here
+    if mode == "none":
+        continue  # a run that never closes an epoch
+    tw.log_epoch(epoch, model=m)
+"""
+
+
+def _run(tmp_path, mode: str) -> list[dict]:
+    col = CollectorProc(tmp_path, f"ipc://{tmp_path}/c.sock", "--once", "--quiet", "1").start()
+    script = tmp_path / "train.py"
+    script.write_text(SCRIPT)
+    proc = subprocess.Popen([sys.executable, str(script), col.endpoint, f"edge-{mode}", mode],
+                            env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    if mode == "interrupted":
+        assert proc.stdout.readline().strip() == "ready"
+        time.sleep(0.5)  # its steps of epoch 3 reach the collector
+        proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    # a Ctrl-C ends Python by the signal itself (-2); an exception with exit code 1
+    assert proc.returncode == {"none": 0, "interrupted": -signal.SIGINT}.get(mode, 1), out
+    assert col.wait(120) == 0, col.log.read_text()[-3000:]
+    return col.records()
+
+
+def test_a_run_with_no_epoch_says_so(tmp_path):
+    recs = _run(tmp_path, "none")
+    (summary,) = [r for r in recs if r["type"] == "summary"]
+    assert summary["epoch"] is None and summary["ended"] == "finished"
+    assert summary["metrics"]["summary/unclosed_steps"] == 18
+    assert not [r for r in recs if r["type"] == "epoch"]
+
+
+@pytest.mark.parametrize("mode,ended", [("interrupted", "interrupted"),
+                                        ("crash", "crashed: RuntimeError")])
+def test_a_run_ended_early_says_how_and_where(tmp_path, mode, ended):
+    recs = _run(tmp_path, mode)
+    (summary,) = [r for r in recs if r["type"] == "summary"]
+    assert summary["ended"] == ended
+    assert summary["epoch"] == 2  # the epoch it reached
+    assert summary["metrics"]["summary/unclosed_steps"] == 4  # epoch 3's steps, not lost
+    assert [r["epoch"] for r in recs if r["type"] == "epoch"] == [1, 2]
+
+
+def test_data_sent_as_a_sample_says_what_fraction(tmp_path):
+    recs = _run(tmp_path, "none")
+    (data,) = [r["metrics"] for r in recs if r["type"] == "data_stats"]
+    assert (data["data_stats/rows_total"], data["data_stats/rows_sent"]) == (5000, 1000)
+    assert data["data_stats/sampled_fraction"] == 0.2
