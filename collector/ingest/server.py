@@ -8,6 +8,8 @@ drain what has arrived, finish the recording and the sinks, return 0.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import logging
 import signal
 import time
@@ -26,12 +28,15 @@ _log = logging.getLogger("trainwatch.collector")
 
 DRAIN_BATCH = 500  # messages per pipeline batch: amortises it, keeps the socket's queue warm
 DRAIN_LIMIT = 5000  # messages between two looks at the clock
+DRAIN_BYTES = 32 << 20  # tensor bytes per batch (validation samples, data chunks)
 TICK_S = 0.5
 _NOBLOCK = int(zmq.NOBLOCK)
 
 
-def receive(sock: zmq.Socket, limit: int) -> list[list]:
-    """Up to ``limit`` waiting messages (lists of frames), without blocking.
+def receive(sock: zmq.Socket, limit: int, max_bytes: int = DRAIN_BYTES) -> list[list]:
+    """Up to ``limit`` waiting messages (lists of frames), without blocking, and no more
+    once their tensor frames reach ``max_bytes`` (a batch of large samples is held whole
+    until processed: its size is bounded here).
 
     Frames come zero-copy because a frame knows whether more parts follow; asking the
     socket instead (``recv_multipart``) costs pyzmq an option lookup of ~1.5 us per
@@ -40,6 +45,7 @@ def receive(sock: zmq.Socket, limit: int) -> list[list]:
     """
     out: list[list] = []
     append, recv = out.append, sock.recv
+    held = 0
     try:
         while len(out) < limit:
             f = recv(_NOBLOCK, copy=False)
@@ -48,12 +54,33 @@ def receive(sock: zmq.Socket, limit: int) -> list[list]:
                 while f.more:
                     f = recv(_NOBLOCK, copy=False)
                     parts.append(f)
+                    held += len(f.buffer)
                 append(parts)
+                if held >= max_bytes:
+                    break
             else:
                 append([f])
     except zmq.Again:
         pass
     return out
+
+
+def _load_trim():  # noqa: ANN202 - a ctypes function, or None
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc: nothing to give back this way
+        return None
+
+
+_TRIM = _load_trim()
+
+
+def _give_back_memory() -> None:
+    """Return freed heap to the OS. glibc raises its mmap threshold after large frees, so
+    the buffers of large messages, once freed, would otherwise stay in the process's RSS
+    for good: a burst of samples that were refused would look like memory held."""
+    if _TRIM is not None:
+        _TRIM(0)
 
 
 class Collector:
@@ -73,6 +100,7 @@ class Collector:
         self.max_msg_bytes = max_msg_bytes
         self.rcvhwm = rcvhwm
         self._stop = False
+        self._big_since_trim = False  # tensor frames came and went since the last trim
         self.started = time.monotonic()
         self._counts: dict[str, tuple[float, int]] = {}
         self._unrecorded_told = (0, -1e18)  # (count, monotonic time) last written to the log
@@ -135,6 +163,9 @@ class Collector:
                 next_tick = now + TICK_S
                 self.pipeline.tick(now)
                 self.pipeline.flush()
+                if self._big_since_trim:
+                    self._big_since_trim = False
+                    _give_back_memory()
                 self._tell_unrecorded()
                 self.view.update(self.status())
                 if self.once and self.pipeline.state.all_finished() \
@@ -152,6 +183,7 @@ class Collector:
                 break
             self.pipeline.feed_batch(Batch.of(batch))
             total += len(batch)
+            self._big_since_trim |= any(len(m) > 1 for m in batch)
         if total:
             self.pipeline.flush()
         return total

@@ -84,7 +84,7 @@ class RankState:
         self.rank = rank
         self.counters = RankCounters()
         self.streams: dict[int, StreamState] = {}
-        self.current: StreamState | None = None  # the newest instance speaks for the rank
+        self.current: StreamState | None = None  # the instance of its latest message
 
     @property
     def finished(self) -> bool:
@@ -225,10 +225,13 @@ class State:
         st = rank.streams.get(msg.instance)
         if st is None:
             st = self._new_stream(run, rank, msg.instance)
-        elif st is not rank.current and not st.finished:
-            self._note(run, f"instances {msg.rank}", out,
-                       f"two live processes claim rank {msg.rank}: {st.who()} and "
-                       f"{rank.current.who()}; each is counted on its own")
+        elif st is not rank.current:  # the rank's instance of its latest message speaks for it
+            if not rank.current.finished:
+                self._note(run, f"instances {msg.rank}", out,
+                           f"two live processes claim rank {msg.rank}: {st.who()} and "
+                           f"{rank.current.who()}; each is counted on its own")
+            rank.current = st
+            run.rank_done(rank.rank, st.finished)
         st.counters.count(msg.kind, msg.seq, msg.dropped, msg.wall_time)
         run.messages += 1
         self._apply(run, rank, st, msg, out)
@@ -321,7 +324,7 @@ class State:
             if st is rank.current:
                 run.rank_done(rank.rank, True)
             self._close_ready(run, out)
-            if len(run.finished_ranks) == run.world_size:
+            if not run.finished and len(run.finished_ranks) == run.world_size:
                 self._finish(run, "finished", out)
 
     def _hello_env(self, run: RunState, msg: wire.Message, out: list[Fact]) -> None:
@@ -409,6 +412,7 @@ class State:
         first = ready[-1]
         same = [v for v in ready if v[0] == first[0] and v[2].dtype == first[2].dtype
                 and v[2].shape[-1] == first[2].shape[-1]]
+        same.sort(key=lambda v: v[1])  # by rank: the figures do not depend on arrival order
         names = first[3] or run.data_channels or [f"ch{i}" for i in range(first[2].shape[-1])]
         return ValidationInput(first[0], first[2].dtype, [raw_array(v[2]) for v in same],
                                list(names))
