@@ -77,7 +77,7 @@ __all__ = ["Batch", "Pipeline", "replay"]
 _log = logging.getLogger("trainwatch.collector")
 MIN_RUN = 8  # fast steps in a row worth a bulk pass (one costs ~20 us of numpy calls)
 NO_RANKS = Ranks()
-MIN_WINDOW, MAX_WINDOW = 64, 1 << 16  # messages one bulk attempt may read (see feed_batch)
+MIN_WINDOW, MAX_WINDOW = MIN_RUN, 1 << 16  # messages one bulk attempt may read (feed_batch)
 # Rejects the user hears of (once per run and reason), beside the counts every summary has.
 NOTED_REJECTS = {"over_budget": "the collector's memory budget (--max-held-mb) is full",
                  "world_size_over_limit": "the world size is over --max-world-size",
