@@ -22,7 +22,10 @@ Checks, each bounded in time (the whole run takes a few minutes on 2 cores):
   forms refused in one line (nothing listens); a disk that fills mid-run (a small tmpfs)
   with exact accounting against what ``inspect`` reads back; a restart on a recording of
   crafted CONTROL records, skipped and counted by every command; run ids that try to
-  forge log lines, escaped in the log and on the board;
+  forge log lines, escaped in the log and on the board; and on the bounds
+  (benchmarks/flood_attacks.py): a world-size bomb refused and a forged hello noted, 320
+  MiB of samples for epochs that never close held to a 64 MiB budget, 500 run ids finished
+  and evicted under a 60-run cap, two processes on one rank counted true and named;
 - messages lost: over every check where the collector stayed up, sequence gaps against
   the drops the clients reported.
 
@@ -48,6 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import attacks  # noqa: E402 - the benchmarks folder is not a package
+import flood_attacks  # noqa: E402
 import harness  # noqa: E402
 import junk  # noqa: E402
 import soak  # noqa: E402
@@ -322,6 +326,10 @@ CHECKS: list[tuple[str, Callable[[Path, Check], None]]] = [
     ("attack: disk fills mid-run", attacks.check_disk_fills),
     ("attack: crafted CONTROL records", attacks.check_crafted_controls),
     ("attack: log injection by run id", attacks.check_log_injection),
+    ("attack: world-size bomb, forged hello", flood_attacks.check_world_size_bomb),
+    ("attack: samples for epochs that never close", flood_attacks.check_sample_hoard),
+    ("attack: run ids by the hundred", flood_attacks.check_run_flood),
+    ("attack: two processes on one rank", flood_attacks.check_twin_ranks),
 ]
 
 
