@@ -12,32 +12,12 @@ from typing import Any
 
 import harness
 import numpy as np
-import zmq
 from attacks import _beside, _losses, _wait_summary
 
 from trainer_client import wire
 
 __all__ = ["check_run_flood", "check_sample_hoard", "check_twin_ranks",
            "check_world_size_bomb"]
-
-
-class _Sender:
-    """A raw PUSH socket speaking the wire format: whatever a hostile sender may send."""
-
-    def __init__(self, endpoint: str) -> None:
-        self.ctx = zmq.Context()
-        self.sock = self.ctx.socket(zmq.PUSH)
-        self.sock.setsockopt(zmq.SNDHWM, 0)
-        self.sock.connect(endpoint)
-
-    def send(self, kind: int, run: str, body: Any, *, rank: int = 0, world: int = 1,
-             inst: int = 1, seq: int = 0, epoch: int = 0, tensors: tuple = ()) -> None:
-        h = wire.Header(kind, run, rank, world, inst, seq, seq, epoch, time.time(), 0, body)
-        self.sock.send_multipart(wire.encode(h, list(tensors)))
-
-    def close(self) -> None:
-        self.sock.close(linger=10_000)
-        self.ctx.term()
 
 
 def _finish(c: Any, col: harness.CollectorProc, rank: Any, out: Path, run: str,
@@ -58,7 +38,7 @@ def _finish(c: Any, col: harness.CollectorProc, rank: Any, out: Path, run: str,
 def check_world_size_bomb(tmp: Path, c: Any) -> None:
     col = harness.CollectorProc(tmp, f"ipc://{tmp}/c.sock", "--epoch-timeout", "30").start()
     rank, out = _beside(col, tmp, "bomb-victim")
-    s = _Sender(col.endpoint)
+    s = harness.Sender(col.endpoint)
     for seq in range(300):  # every one claims 2^20 ranks, ~30 KB of names each
         s.send(wire.KIND_STEP, "bomb", [0.5, 1.0, ["x" * 100] * 300, [0.0] * 300], rank=seq,
                world=1 << 20, seq=seq)
@@ -82,7 +62,7 @@ def check_sample_hoard(tmp: Path, c: Any) -> None:
                                 "--epoch-timeout", "30").start()
     rank, out = _beside(col, tmp, "hoard-victim")
     base = harness.rss_kb(col.pid) or 0
-    s = _Sender(col.endpoint)
+    s = harness.Sender(col.endpoint)
     arr = np.zeros((64, 256, 128), np.float32)  # 8 MiB each, for epochs that never close
     for i in range(40):
         s.send(wire.KIND_VALIDATION, "hoarder", {"epoch": 10_000 + i}, seq=i,
@@ -106,7 +86,7 @@ def check_run_flood(tmp: Path, c: Any) -> None:
                                 "--evict-after", "0.5").start()
     rank, out = _beside(col, tmp, "flood-victim", steps=300)
     base = harness.rss_kb(col.pid) or 0
-    s = _Sender(col.endpoint)
+    s = harness.Sender(col.endpoint)
     n = 0
     for wave in range(10):  # 500 runs, 50 at a time: each wave fits only if the last left
         for i in range(50):

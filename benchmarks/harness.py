@@ -299,3 +299,26 @@ def losses_per_rank(info: dict, run: str, outs: dict[int, dict | None]) -> dict[
                        lost_beyond_reported=sent - recorded, gaps_minus_drops=gaps - dropped)
         table[rank] = row
     return table
+
+
+class Sender:
+    """A raw PUSH socket speaking the wire format: whatever a hostile sender may send."""
+
+    def __init__(self, endpoint: str) -> None:
+        import zmq
+
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.PUSH)
+        self.sock.setsockopt(zmq.SNDHWM, 0)
+        self.sock.connect(endpoint)
+
+    def send(self, kind: int, run: str, body: Any, *, rank: int = 0, world: int = 1,
+             inst: int = 1, seq: int = 0, epoch: int = 0, tensors: tuple = ()) -> None:
+        from trainer_client import wire
+
+        h = wire.Header(kind, run, rank, world, inst, seq, seq, epoch, time.time(), 0, body)
+        self.sock.send_multipart(wire.encode(h, list(tensors)))
+
+    def close(self) -> None:
+        self.sock.close(linger=10_000)
+        self.ctx.term()

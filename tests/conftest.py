@@ -86,6 +86,16 @@ def finish(procs: list[subprocess.Popen], timeout: float = 120.0) -> None:
         assert p.returncode == 0, out.decode()[-3000:]
 
 
+def by_epoch(recs: list[dict], run: str | None = None) -> dict[int, dict]:
+    """Each epoch's metrics as the records' JSON says them, an amendment's over the
+    original (of ``run``, or of every run)."""
+    out: dict[int, dict] = {}
+    for r in recs:
+        if r["type"] == "epoch" and (run is None or r["run"] == run):
+            out.setdefault(r["epoch"], {}).update(r["metrics"])
+    return out
+
+
 def rank_list(ranks: dict) -> list[int]:
     """An epoch record's ``ranks`` / ``missing`` (a count and ranges) as a list of ranks."""
     out = [r for lo, hi in ranks["ranges"] for r in range(lo, hi + 1)]

@@ -10,31 +10,11 @@ import json
 import time
 
 import numpy as np
-import zmq
 from conftest import CollectorProc, finish, rank_list, start_trainer
-from harness import inspect, rss_kb
+from harness import Sender, inspect, rss_kb
 from support.wandb_readback import find_offline_runs, read_offline_run
 
 from trainer_client import wire
-
-
-class Sender:
-    """A raw PUSH socket speaking the wire format: whatever a hostile sender may send."""
-
-    def __init__(self, endpoint: str) -> None:
-        self.ctx = zmq.Context()
-        self.sock = self.ctx.socket(zmq.PUSH)
-        self.sock.setsockopt(zmq.SNDHWM, 0)
-        self.sock.connect(endpoint)
-
-    def send(self, kind: int, run: str, body, *, rank: int = 0, world: int = 1,
-             inst: int = 1, seq: int = 0, epoch: int = 0, tensors=()) -> None:
-        h = wire.Header(kind, run, rank, world, inst, seq, seq, epoch, time.time(), 0, body)
-        self.sock.send_multipart(wire.encode(h, list(tensors)))
-
-    def close(self) -> None:
-        self.sock.close(linger=10_000)
-        self.ctx.term()
 
 
 def _victim(col: CollectorProc, tmp, run: str = "victim", **kw) -> list:

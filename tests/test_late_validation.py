@@ -10,7 +10,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import CollectorProc, env, finish, start_trainer
+from conftest import CollectorProc, by_epoch, env, finish, start_trainer
 
 EPOCHS = 4
 
@@ -24,15 +24,6 @@ def _job(tmp, name: str, after: bool) -> tuple[CollectorProc, list[dict]]:
     finish(procs)
     assert col.wait(120) == 0, col.log.read_text()[-3000:]
     return col, col.records()
-
-
-def _by_epoch(recs: list[dict]) -> dict[int, dict]:
-    """Each epoch's metrics as the records say them, an amendment's over the original."""
-    out: dict[int, dict] = {}
-    for r in recs:
-        if r["type"] == "epoch":
-            out.setdefault(r["epoch"], {}).update(r["metrics"])
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +44,7 @@ def test_late_samples_amend_their_own_epoch(both):
 
 
 def test_both_orders_give_the_same_figures_for_every_epoch(both):
-    first, after = _by_epoch(both[False][1]), _by_epoch(both[True][1])
+    first, after = by_epoch(both[False][1]), by_epoch(both[True][1])
     assert sorted(first) == sorted(after) == list(range(1, EPOCHS + 1))
     for epoch in first:
         assert set(first[epoch]) == set(after[epoch]), epoch

@@ -11,7 +11,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import CollectorProc, env, finish, start_trainer
+from conftest import CollectorProc, by_epoch, env, finish, start_trainer
 from support.wandb_readback import find_offline_runs, read_offline_run
 
 EPOCHS = 12
@@ -37,14 +37,6 @@ def job(tmp_path_factory):
     return {"recs": recs, "wandb": read_offline_run(run_dir), "report": report.read_text()}
 
 
-def _jsonl_epochs(recs: list[dict]) -> dict[int, dict]:
-    out: dict[int, dict] = {}
-    for r in recs:
-        if r["type"] == "epoch":
-            out.setdefault(r["epoch"], {}).update(r["metrics"])
-    return out
-
-
 def _same(a, b) -> bool:
     if a is None or (isinstance(a, float) and math.isnan(a)):
         return b is None or (isinstance(b, float) and math.isnan(b))
@@ -52,7 +44,7 @@ def _same(a, b) -> bool:
 
 
 def test_the_rule_stays_raised_clears_and_raises_again(job):
-    flags = [m.get(RULE) for _, m in sorted(_jsonl_epochs(job["recs"]).items())]
+    flags = [m.get(RULE) for _, m in sorted(by_epoch(job["recs"]).items())]
     assert all(f in (0, 1) for f in flags), flags  # a flag every epoch, not only at changes
     episodes = re.findall(r"1+", "".join(map(str, flags)))
     assert len(episodes) >= 2 and max(map(len, episodes)) >= 3, flags
@@ -62,7 +54,7 @@ def test_the_rule_stays_raised_clears_and_raises_again(job):
 
 
 def test_wandb_history_equals_the_jsonl_for_every_epoch(job):
-    ours = _jsonl_epochs(job["recs"])
+    ours = by_epoch(job["recs"])
     rows: dict[int, dict] = {}
     for row in job["wandb"]["history"]:
         if "epoch" in row:
@@ -87,7 +79,7 @@ def _report_traces(page: str) -> dict[str, dict[int, float]]:
 
 
 def test_the_report_plots_what_the_jsonl_says(job):
-    ours = _jsonl_epochs(job["recs"])
+    ours = by_epoch(job["recs"])
     traces = _report_traces(job["report"])
     checked = 0
     for name, points in traces.items():
