@@ -27,7 +27,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from collector.analysis.diversity import (  # noqa: E402
+from collector.analysis.diversity_kernels import (  # noqa: E402
     across_sample_std,
     pair_rms_distances,
     sorted_finite,

@@ -18,11 +18,13 @@ from hypothesis.extra import numpy as hnp
 from collector.analysis.diversity import (
     DataReference,
     DiversityConfig,
+    sample_diversity,
+    warm_up,
+)
+from collector.analysis.diversity_kernels import (
     across_sample_std,
     pair_rms_distances,
-    sample_diversity,
     sorted_finite,
-    warm_up,
     wasserstein1_sorted,
     widen_1d,
 )

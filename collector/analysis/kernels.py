@@ -93,12 +93,12 @@ def _f16_bits_to_f64(raw):
     return np.float64(_bits_as_f32(bits))
 
 
-def _widen(raw):
+def widen(raw):
     """One raw element as float64; chosen by the array's element type at compile time."""
     raise NotImplementedError("only callable from jitted code")
 
 
-@overload(_widen)
+@overload(widen)
 def _widen_impl(raw):
     if raw == types.uint16:  # bfloat16 bit pattern: the top half of a float32
         return lambda raw: np.float64(_bits_as_f32(np.uint32(raw) << np.uint32(16)))
@@ -158,7 +158,7 @@ def _shifted_sums(x, start, stop, shift):
     s = 0.0
     q = 0.0
     for j in range(np.uint64(start), np.uint64(stop)):
-        d = _widen(x[j]) - shift
+        d = widen(x[j]) - shift
         s += d
         q += d * d
     return s, q
@@ -170,7 +170,7 @@ def _finite_extremes(x, start, stop):
     lo = np.inf
     hi = -np.inf
     for j in range(np.uint64(start), np.uint64(stop)):
-        v = _widen(x[j])
+        v = widen(x[j])
         lo = _finite_min(lo, v)
         hi = _finite_max(hi, v)
     return lo, hi
@@ -189,7 +189,7 @@ def _block_shifted(x, start, stop):
     Both loops run at memory speed; a scalar loop here was bound by the core's execution
     throughput, so anything sharing the core slowed it (see benchmarks/bench_kernels.py).
     """
-    shift = _widen(x[start])
+    shift = widen(x[start])
     s, q = _shifted_sums(x, start, stop, shift)
     if not (s - s == 0.0 and q - q == 0.0):
         return False, 0.0, 0.0, 0.0, 0.0
@@ -207,7 +207,7 @@ def _exact(x, start, stop):
     lo = np.inf
     hi = -np.inf
     for i in range(start, stop):
-        v = _widen(x[i])
+        v = widen(x[i])
         if v - v == 0.0:  # v - v is NaN exactly for NaN and +-Inf
             k += 1
             total += v
@@ -218,7 +218,7 @@ def _exact(x, start, stop):
     mean = total / k
     m2 = 0.0
     for i in range(start, stop):
-        v = _widen(x[i])
+        v = widen(x[i])
         if v - v == 0.0:
             m2 += (v - mean) * (v - mean)
     return k, mean, m2, lo, hi
@@ -271,14 +271,14 @@ def channel_moments(x):
     for start in range(0, rows, block_rows):
         stop = min(start + block_rows, rows)
         for c in range(chans):
-            shift[c] = _widen(x[start, c])
+            shift[c] = widen(x[start, c])
         bs[:] = 0.0
         bq[:] = 0.0
         blo[:] = np.inf
         bhi[:] = -np.inf
         for r in range(start, stop):
             for c in range(chans):
-                v = _widen(x[r, c])
+                v = widen(x[r, c])
                 blo[c] = v if v < blo[c] else blo[c]
                 bhi[c] = v if v > bhi[c] else bhi[c]
                 d = v - shift[c]
