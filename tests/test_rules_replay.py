@@ -356,6 +356,9 @@ def test_data_stats_equal_numpy(replayed, scenario):
     for c, name in enumerate(sent["channels"]):
         want[f"data_stats/{name}_mean"] = data[:, c].mean()
         want[f"data_stats/{name}_std"] = data[:, c].std()
+    rows = data.shape[0]  # all rows fit the client's budget here: nothing sampled away
+    want.update({"data_stats/rows_sent": rows, "data_stats/rows_total": rows,
+                 "data_stats/sampled_fraction": 1.0})
     assert set(got) == set(want)
     for key, value in want.items():
         assert _close(got[key], value), f"{key}: {got[key]} != {value}"
