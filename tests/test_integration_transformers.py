@@ -308,5 +308,5 @@ def test_a_stop_action_ends_training_early(tmp_path):
     (stop,) = [r for r in recs if r["type"] == "stop"]
     assert stop["rule"] == DIAGNOSIS
     # training ended at the stop step, long before its 100 epochs of 8 steps
-    assert trainer.state.global_step == stop["step"] < 20 * 8
+    assert trainer.state.global_step == stop["step"] < 50 * 8
     assert next(r for r in recs if r["type"] == "summary")["ended"] == "stopped"

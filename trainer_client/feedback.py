@@ -127,7 +127,7 @@ class Feedback:
         if self.stop is None:
             self.stop = stop
             _log.warning("trainwatch: the collector stops run %r at step %d (%s)", self.run,
-                         stop.step, stop.rule)
+                         stop.step, _line(stop.rule))
 
     def _publish(self, epoch: int) -> None:
         self._epoch = max(self._epoch, epoch)
@@ -149,8 +149,8 @@ class Feedback:
         more = f" ({self._untold} more findings not shown)" if self._untold else ""
         self._untold = 0
         remedy = f" -> {f.remedy}" if f.remedy else ""
-        _log.warning("trainwatch [%s] epoch %d %s: %s%s%s", f.severity, f.epoch, f.rule,
-                     f.message, remedy, more)
+        _log.warning("trainwatch [%s] epoch %d %s: %s%s%s", _line(f.severity), f.epoch,
+                     _line(f.rule), _line(f.message), _line(remedy), more)
 
     # -- training thread -----------------------------------------------------------------
     def deliver(self) -> None:
@@ -223,3 +223,8 @@ class HealthSocket:
         if self._sock is not None:
             self._sock.close(0)
             self._sock = None
+
+
+def _line(text: str) -> str:
+    """One line of visible text: messages quote config values and host names."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)

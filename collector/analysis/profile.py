@@ -56,6 +56,7 @@ _TOP_KEYS = {"name", "base", "channels", "validation", "phases", "ddp", "gradien
              "improvement", "hysteresis", "diversity", "reference", "remedies", "rules",
              "diagnoses", "actions"}
 _ACTION_KEYS = {"stop_on", "stop_margin_s", "stop_min_steps"}
+MAX_STOP_RULE = 256  # characters of a stop_on id (collector.recording.controls.MAX_RULE_LEN)
 # What a message template may name; every kind fills the ones it knows, and ``held`` is
 # how many judged epochs in a row the condition held when the rule was raised.
 MESSAGE_FIELDS = dict(value=1.0, threshold=1.0, metric="m", median=1.0, factor=1.0,
@@ -253,6 +254,10 @@ def with_stop_on(profile: Profile, names: list[str], source: str = "--stop-on") 
 
 
 def _stop_on(profile: Profile, names: list[str], where: str) -> tuple[str, ...]:
+    long = [n for n in names if len(n) > MAX_STOP_RULE]
+    if long:  # a stop is recorded with its finding's id, checked to this length on replay
+        raise ProfileError(f"{where}: {long[0][:40]!r}... is longer than {MAX_STOP_RULE} "
+                           "characters")
     unknown = [n for n in names if n not in profile.finding_ids]
     if unknown:
         raise ProfileError(f"{where}: no finding {unknown[0]!r} in profile {profile.name!r} "

@@ -111,7 +111,9 @@ class HealthPublisher:
     def _finding(self, v: _RunVerdict, epoch: int, rule: str, kind: str, severity: str,
                  message: str, remedy: str) -> None:
         v.seq += 1
-        f = hw.Finding(v.seq, epoch, rule, kind, severity, message, remedy)
+        cut = hw.MAX_TEXT  # a rank refuses longer texts, and with them the whole state
+        f = hw.Finding(v.seq, epoch, rule[:cut], kind, severity[:cut], message[:cut],
+                       remedy[:cut])
         if kind == RAISED:
             v.raised[rule] = f
         else:
