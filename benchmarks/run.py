@@ -133,15 +133,22 @@ def bench_client(tmp: Path, rounds: int = 7, steps: int = 150) -> dict:
         "sync_wandb_over_client": add["wandb"] / add["client"],
         "tensorboard_over_client": add["tensorboard"] / add["client"],
         "client_sent": tw.stats["sent"], "client_dropped": tw.stats["dropped"],
+        "client_health_messages": tw.stats.get("health", {}).get("received", 0),
     }
 
 
 def _serve(endpoint: str) -> None:
+    """A collector as ``trainwatch collect`` runs one, back-channel included (the client's
+    sender thread then hears its run's state every second)."""
     from collector.analysis.profile import load_profile
     from collector.ingest.pipeline import Pipeline
     from collector.ingest.server import Collector
+    from collector.sinks.health_pub import HealthPublisher
+    from trainer_client.wire.health import health_endpoint
 
-    Collector([endpoint], Pipeline(load_profile(None))).serve()
+    pub = HealthPublisher()
+    Collector([endpoint], Pipeline(load_profile(None), pub), health=pub,
+              health_binds=[health_endpoint(endpoint)]).serve()
 
 
 # -- 2. ingest -----------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """The ``trainwatch`` command (``python -m collector`` too).
 
     trainwatch collect --bind tcp://127.0.0.1:5555 --record run.twrec --jsonl run.jsonl
+    trainwatch collect --bind ... --stop-on diagnosis/gradient_explosion  # stop such runs
     trainwatch replay run.twrec --jsonl replayed.jsonl
     trainwatch inspect run.twrec [--json]
     trainwatch report run.twrec -o report.html
@@ -56,12 +57,34 @@ def _sinks(args: argparse.Namespace, profile: Profile, default_wandb: str | None
 
 
 def _profile(args: argparse.Namespace) -> Profile:
-    from collector.analysis.profile import ProfileError, load_profile
+    from collector.analysis.profile import ProfileError, load_profile, with_stop_on
 
     try:
-        return load_profile(args.rules)
+        profile = load_profile(args.rules)
+        stop_on = getattr(args, "stop_on", None)
+        if stop_on is not None:
+            profile = with_stop_on(profile, [n.strip() for n in stop_on.split(",") if n.strip()])
+        return profile
     except ProfileError as exc:
         raise SystemExit(f"trainwatch: bad rules profile: {exc}") from None
+
+
+def _health_binds(binds: list[str], given: list[str] | None, flag: str) -> list[str]:
+    """The back-channel's endpoints: ``given`` (``none``: no back-channel), else one beside
+    each of ``binds`` (tcp port + 1, ipc path + ``.health``)."""
+    from collector.ingest.binds import BindError
+    from trainer_client.wire.health import health_endpoint
+
+    if given:
+        return [] if given == ["none"] else list(given)
+    out = []
+    for b in binds:
+        h = health_endpoint(b)
+        if h is None:
+            raise BindError(f"no back-channel endpoint follows from {b} (a tcp port + 1, an "
+                            f"ipc path + .health): pass {flag} ENDPOINT, or {flag} none")
+        out.append(h)
+    return out
 
 
 def cmd_collect(args: argparse.Namespace) -> int:
@@ -70,19 +93,29 @@ def cmd_collect(args: argparse.Namespace) -> int:
     from collector.ingest.limits import Limits
     from collector.ingest.pipeline import Pipeline
     from collector.ingest.server import Collector
+    from collector.ingest.stops import StopPolicy
     from collector.recording.writer import NullRecorder, RecordWriter
     from collector.report.liveview import NullView, make_view
     from collector.sinks.console import EventLogSink
+    from collector.sinks.health_pub import HealthPublisher
 
+    health_binds = _health_binds(args.bind, args.health_bind, "--health-bind")
     # Refused before the recording is touched; the server checks again and warns.
-    check_binds(args.bind, bool(args.curve_keys), args.insecure, warn=False)
+    check_binds(args.bind + health_binds, bool(args.curve_keys), args.insecure, warn=False)
     profile = _profile(args)
+    health = HealthPublisher() if health_binds else None
+    actions = StopPolicy(profile) if profile.stop_on else None
+    if actions is not None and health is None:
+        logging.getLogger("trainwatch.collector").warning(
+            "stops on %s are decided and recorded, but with no back-channel no rank hears "
+            "of them", ", ".join(profile.stop_on))
+    feedback: list[Sink] = [s for s in (health, actions) if s is not None]
     earlier = Path(args.record) if args.record else None
     resume = earlier is not None and earlier.exists() and earlier.stat().st_size > 0
     outputs = _outputs(args, profile, None, resume=resume)
     limits = Limits(max_world_size=args.max_world_size, max_held_bytes=args.max_held_mb << 20,
                     max_runs=args.max_runs, evict_after_s=args.evict_after)
-    pipe = Pipeline(profile, FanOut([EventLogSink(), *outputs]),
+    pipe = Pipeline(profile, FanOut([EventLogSink(), *outputs, *feedback]),
                     recorder=RecordWriter(args.record) if args.record else NullRecorder(),
                     epoch_timeout_s=args.epoch_timeout, limits=limits)
     if resume:
@@ -90,7 +123,7 @@ def cmd_collect(args: argparse.Namespace) -> int:
 
         # The outputs continue where the earlier session left them: each record once.
         st = ReadStats()
-        pipe.rebuild(earlier, FanOut(outputs), st)
+        pipe.rebuild(earlier, FanOut(outputs + feedback), st)
         logging.getLogger("trainwatch.collector").log(
             logging.WARNING if st.skipped or st.corrupted else logging.INFO,
             "continuing %s: state and outputs rebuilt from %s", earlier, st.summary())
@@ -100,7 +133,8 @@ def cmd_collect(args: argparse.Namespace) -> int:
     view = NullView() if args.no_view else make_view(sys.stdout, board)
     collector = Collector(args.bind, pipe, curve_keys=args.curve_keys, once=args.once,
                           quiet_s=args.quiet, view=view, max_msg_bytes=args.max_msg_mb << 20,
-                          insecure=args.insecure)
+                          insecure=args.insecure, health=health, health_binds=health_binds,
+                          health_required=bool(args.health_bind), actions=actions)
     return collector.serve()
 
 
@@ -159,8 +193,14 @@ def cmd_forward(args: argparse.Namespace) -> int:
     from collector.ingest.binds import check_binds
     from collector.ingest.forward import forward
 
-    check_binds([args.bind], False, args.insecure)
-    forward(args.bind, args.connect, args.curve_keys)
+    health_bind = _health_binds([args.bind], args.health_bind and [args.health_bind],
+                                "--health-bind")
+    health_connect = _health_binds([args.connect], args.health_connect and [args.health_connect],
+                                   "--health-connect")
+    check_binds([args.bind, *health_bind], False, args.insecure)
+    forward(args.bind, args.connect, args.curve_keys,
+            health=(health_bind[0], health_connect[0]) if health_bind and health_connect
+            else None)
     return 0
 
 
@@ -206,6 +246,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--curve-keys", default=None, help="serve with CURVE keys from this folder")
     p.add_argument("--insecure", action="store_true",
                    help="allow a non-loopback bind without CURVE")
+    p.add_argument("--health-bind", action="append", default=None,
+                   help="the back-channel's endpoint (repeatable; default: beside each --bind, "
+                        "tcp port + 1 or ipc path + .health; 'none': no back-channel)")
+    p.add_argument("--stop-on", default=None, metavar="FINDINGS",
+                   help="comma-separated findings that stop a run, e.g. "
+                        "diagnosis/gradient_explosion,diagnosis/mode_collapse (over the "
+                        "profile's [actions] stop_on)")
     d = _limit_defaults()
     p.add_argument("--max-msg-mb", type=int, default=64,
                    help="the largest message taken (default %(default)s)")
@@ -255,6 +302,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--connect", required=True, help="the collector's endpoint")
     p.add_argument("--curve-keys", default=None, help="client keys for the collector")
     p.add_argument("--insecure", action="store_true")
+    p.add_argument("--health-bind", default=None,
+                   help="where the ranks subscribe to the back-channel (default: beside "
+                        "--bind; 'none': no relay)")
+    p.add_argument("--health-connect", default=None,
+                   help="the collector's back-channel (default: beside --connect)")
     p.set_defaults(func=cmd_forward)
 
     p = sub.add_parser("dashboard", help="create the seed's wandb workspace (online)")

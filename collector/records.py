@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = ["CLEARED", "RAISED", "ConfigRecord", "DataStatsRecord", "EpochRecord", "Event",
-           "EventRecord", "Ranks", "Record", "RunRecord", "SummaryRecord", "plain"]
+           "EventRecord", "Ranks", "Record", "RunRecord", "StopRecord", "SummaryRecord",
+           "plain"]
 
 RAISED = "raised"
 CLEARED = "cleared"
@@ -184,7 +185,33 @@ class SummaryRecord:
                 "metrics": dict(self.metrics), "events": [], "ended": self.ended}
 
 
-Record = RunRecord | ConfigRecord | DataStatsRecord | EpochRecord | EventRecord | SummaryRecord
+@dataclass(frozen=True, slots=True)
+class StopRecord:
+    """The collector decided that ``run`` stops at ``step`` because ``rule`` was raised
+    (``[actions] stop_on``): every rank's ``should_stop`` turns True at that step.
+
+    ``epoch`` is the last epoch closed when it was decided; ``seen`` the highest step any
+    rank had reported then and ``steps_per_s`` the run's recent step rate, from which the
+    margin to ``step`` was computed.
+    """
+
+    run: str
+    epoch: int
+    step: int
+    rule: str
+    seen: int
+    steps_per_s: float
+
+    def json(self) -> dict[str, Any]:
+        return {"type": "stop", "run": self.run, "epoch": self.epoch, "step": self.step,
+                "rule": self.rule, "metrics": {"stop/step": self.step,
+                                               "stop/seen_step": self.seen,
+                                               "stop/steps_per_s": self.steps_per_s},
+                "events": []}
+
+
+Record = (RunRecord | ConfigRecord | DataStatsRecord | EpochRecord | EventRecord | SummaryRecord
+          | StopRecord)
 
 MAX_DEPTH = 8  # nesting kept in a config value; deeper levels become a marker string
 MAX_ITEMS = 1000  # entries kept per list or map

@@ -166,3 +166,46 @@ def test_non_scalar_loss_is_a_clear_error(tmp_path, caplog):
         tw.close(timeout=1.0)
     assert tw.stats["dropped_by_reason"]["build_failed"] == 1
     assert "log_step takes scalars" in caplog.text
+
+
+def test_back_channel_reads_and_callbacks_read_no_tensor_values(tmp_path):
+    """``on_finding`` delivery (inside the log_* calls), ``should_stop`` and ``health``
+    reads on the training thread: no value read, and the callbacks run on this thread.
+    A real PUB (this test, as the collector) publishes to the client's real SUB."""
+    import time
+
+    import zmq
+
+    from trainer_client.wire import health as hw
+
+    ctx = zmq.Context()
+    pub = ctx.socket(zmq.PUB)
+    pub.bind(f"ipc://{tmp_path}/tw.sock.health")  # beside the (absent) collector's endpoint
+    tw = TrainerClient(endpoint=f"ipc://{tmp_path}/tw.sock", run="fb", rank=0, world_size=1)
+    here, calls = threading.get_ident(), []
+    tw.on_finding(lambda f: calls.append((f.seq, f.rule, threading.get_ident() == here)))
+    found = hw.Finding(1, 1, "exploding_gradients", hw.RAISED, "critical", "norm 1e4", "clip")
+    news = [found, hw.Stop(2, 1, 3, "diagnosis/gradient_explosion")]
+    deadline = time.monotonic() + 20
+    while tw.stats["health"]["received"] < 2 and time.monotonic() < deadline:
+        for m in (hw.State(0, 0, "healthy", (), None), *news):  # until the SUB has joined
+            pub.send_multipart(hw.encode(m, "fb"))
+        time.sleep(0.05)
+    assert tw._feedback.stop is not None, "the client never heard the publisher"
+    model, _ = _model()
+    out = model(torch.randn(8, 6))
+    loss = out.pow(2).mean()
+    loss.backward()
+    stops = []
+    with OpLog() as log:
+        for _ in range(4):
+            tw.log_step(loss, {"a": out[:, 0].mean()}, model=model)  # delivers the findings
+            stops.append(tw.should_stop)
+            level = tw.health.level
+    tw.close(timeout=1.0)
+    pub.close(0)
+    ctx.term()
+    assert calls == [(1, "exploding_gradients", True)]
+    assert stops == [False, False, True, True] and level == "critical"
+    assert any(op.startswith("aten._foreach_norm") for op in log.ops)
+    assert not READS & set(log.ops), sorted(READS & set(log.ops))

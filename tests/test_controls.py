@@ -52,7 +52,9 @@ def test_what_the_live_collector_writes_is_valid_and_round_trips():
     for ctl in ({"op": "rejects", "counts": {"": {"bad_msgpack": 2}, RUN: {"bad_kind": 1}}},
                 {"op": "close_epoch", "run": RUN, "epoch": 4, "missing": [2, 5]},
                 {"op": "close_epoch", "run": RUN, "epoch": 4, "missing": [[0, 99], 120]},
-                {"op": "finish_run", "run": RUN}):
+                {"op": "finish_run", "run": RUN},
+                {"op": "stop_run", "run": RUN, "rule": "diagnosis/gradient_explosion",
+                 "step": 140, "seen": 120, "rate": 21.5}):
         typed = controls.parse([msgpack.packb(ctl)])
         assert typed is not None and typed.as_dict() == ctl
         assert controls.check(typed.as_dict()) == typed

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 
 import lightning as L
 import numpy as np
@@ -424,3 +425,39 @@ def _check_readme_run(tmp):
     assert [r["epoch"] for r in rows] == [1, 2, 3, 4, 5]
     assert rows[-1]["train/grad_norm_mean"] == pytest.approx(
         epochs[-1]["metrics"]["train/grad_norm_mean"], rel=1e-9)
+
+
+# -- a stop action -------------------------------------------------------------------------
+
+class Exploding(L.LightningModule):
+    """Gradient norms far past 100 at every step (the loss x1e5; a tiny rate keeps the
+    weights finite), and a step of some cost: 100 epochs would take a while."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3))
+
+    def training_step(self, batch, batch_idx):
+        time.sleep(0.01)
+        x, y = batch
+        return nn.functional.mse_loss(self.net(x), y) * 1e5
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.net.parameters(), lr=1e-9)
+
+
+def test_a_stop_action_ends_the_fit_early(tmp_path):
+    from test_stop_ddp import DIAGNOSIS, stop_collector
+
+    col = stop_collector(tmp_path, "--stop-on", DIAGNOSIS)
+    cb = TrainwatchCallback(endpoint=col.endpoint)
+    trainer = _trainer([cb], epochs=100)
+    trainer.fit(Exploding(), _loader(*_data(64)))
+    assert col.wait(60) == 0, col.log.read_text()[-3000:]
+    recs = col.records()
+    (stop,) = [r for r in recs if r["type"] == "stop"]
+    assert stop["rule"] == DIAGNOSIS
+    # the fit ended at the stop step, long before its 100 epochs of 8 steps
+    assert trainer.global_step == stop["step"] < 50 * 8
+    assert trainer.current_epoch < 50
+    assert next(r for r in recs if r["type"] == "summary")["ended"] == "stopped"

@@ -5,6 +5,7 @@ test's own Trainer subclass recorded at each step (loss, pre-clip norms, rate)."
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
 import pytest
@@ -280,3 +281,32 @@ def test_the_readme_example_runs_as_written():
         rows = [h for h in got["history"] if "train/batch_loss_mean" in h]
         assert [r["epoch"] for r in rows] == [1, 2, 3]
         assert rows[-1]["train/total_loss"] == pytest.approx(last, rel=1e-9)
+
+
+# -- a stop action -------------------------------------------------------------------------
+
+class ExplodingTrainer(Trainer):
+    """Gradient norms far past 100 at every step (the loss x1e5; a tiny rate keeps the
+    weights finite), and a step of some cost: 100 epochs would take a while."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        time.sleep(0.01)
+        return super().compute_loss(model, inputs, False, num_items_in_batch) * 1e5
+
+
+def test_a_stop_action_ends_training_early(tmp_path):
+    from test_stop_ddp import DIAGNOSIS, stop_collector
+
+    col = stop_collector(tmp_path, "--stop-on", DIAGNOSIS)
+    trainer = ExplodingTrainer(model=_model(), args=_args(tmp_path / "out", num_train_epochs=100,
+                                                          learning_rate=1e-9),
+                               train_dataset=_data(64),
+                               callbacks=[TrainwatchCallback(endpoint=col.endpoint)])
+    trainer.train()
+    assert col.wait(60) == 0, col.log.read_text()[-3000:]
+    recs = col.records()
+    (stop,) = [r for r in recs if r["type"] == "stop"]
+    assert stop["rule"] == DIAGNOSIS
+    # training ended at the stop step, long before its 100 epochs of 8 steps
+    assert trainer.state.global_step == stop["step"] < 50 * 8
+    assert next(r for r in recs if r["type"] == "summary")["ended"] == "stopped"

@@ -164,3 +164,32 @@ def test_unreadable_and_malformed_files(tmp_path):
         load_profile(str(tmp_path / "missing.toml"))
     with pytest.raises(ProfileError, match="user.toml: not valid TOML"):
         load_profile(_write(tmp_path, "[rules\n"))
+
+
+def test_actions_stop_nothing_by_default_and_name_findings(tmp_path):
+    from collector.analysis.profile import with_stop_on
+
+    for name in (None, "generic"):
+        p = load_profile(name)
+        assert p.stop_on == () and (p.stop_margin_s, p.stop_min_steps) == (10.0, 10)
+        assert "diagnosis/mode_collapse" in p.finding_ids and "nonfinite" in p.finding_ids
+    p = load_profile(_write(tmp_path, '[actions]\nstop_on = ["diagnosis/gradient_explosion",'
+                                      ' "nonfinite"]\nstop_margin_s = 2.5\n'))
+    assert p.stop_on == ("diagnosis/gradient_explosion", "nonfinite") and p.stop_margin_s == 2.5
+    assert with_stop_on(p, ["diagnosis/mode_collapse"]).stop_on == ("diagnosis/mode_collapse",)
+    with pytest.raises(ProfileError, match="--stop-on: no finding 'gradient_explosion'"):
+        with_stop_on(p, ["gradient_explosion"])  # a diagnosis is named diagnosis/<id>
+
+
+@pytest.mark.parametrize(("text", "key", "problem"), [
+    ('[actions]\nstop_on = ["diagnosis/nope"]', "actions.stop_on", "no finding"),
+    ("[actions]\nstop_on = \"nonfinite\"", "actions.stop_on", "a list of names"),
+    ("[actions]\nstop_margin_s = 0", "actions.stop_margin_s", "a number > 0"),
+    ("[actions]\nstop_min_steps = 1.5", "actions.stop_min_steps", "a positive integer"),
+    ("[actions]\nstop_after = 3", "actions.stop_after", "unknown key"),
+])
+def test_bad_actions_name_the_file_and_the_key(tmp_path, text, key, problem):
+    path = _write(tmp_path, text)
+    with pytest.raises(ProfileError) as err:
+        load_profile(path)
+    assert f"{path}: {key}:" in str(err.value) and problem in str(err.value)

@@ -21,6 +21,10 @@ waits: when the collector is slow, absent or dead, messages are dropped and coun
 Nothing here raises into the loop but a wrong argument (a ``ValueError`` or ``TypeError``
 at the call): a parameter the reductions cannot take is left out with one warning, and a
 call whose device work fails anyway is dropped, counted (``log_failed``) and logged once.
+
+The collector's verdicts come back (``trainer_client.feedback``): ``tw.health``,
+``tw.on_finding(callback)`` and ``tw.should_stop`` (break out of the loop when True: every
+rank turns at the same step) read what the sender thread heard, without waiting.
 """
 
 from __future__ import annotations
@@ -35,20 +39,23 @@ import sys
 import threading
 import time
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
 from . import identity, reductions, wire
+from .curve import load_client_keys
+from .feedback import Feedback, Finding, Health, HealthSocket
 from .sender import CONNECT_WARN_S, FIRST_PEER_S, Item, Sender
-from .steps import GradWatch, host_step, step_vector, versions
+from .steps import GradWatch, epoch_vector, host_step, step_vector, versions
 from .tensors import (
     BadArgument,
     BadDtype,
     channel_axis,
     constants,
+    data_chunks,
     dtype_name,
     plain,
     raw,
@@ -105,6 +112,10 @@ class TrainerClient:
     ``WORLD_SIZE``, else 0/1. CURVE keys: argument or ``TRAINWATCH_CURVE_KEYS`` (a folder
     made by ``trainwatch keys generate``). ``local_collector=FOLDER``: with no endpoint
     configured, start a collector of this job's own that writes into FOLDER.
+    Back-channel: ``health_endpoint``, else ``TRAINWATCH_HEALTH_ENDPOINT``, else beside the
+    endpoint (tcp port + 1, ipc path + ``.health``); ``"none"``: none.
+    ``console_findings``: raised findings are written on this process's console (logger
+    ``trainwatch.client``, rate-limited).
 
     A malformed endpoint is a ``ValueError`` here, naming where it came from. After that
     nothing raises into the loop but a wrong argument to a ``log_*`` call.
@@ -114,22 +125,29 @@ class TrainerClient:
                  rank: int | None = None, world_size: int | None = None,
                  curve_keys: str | None = None, max_queue: int = 10_000,
                  max_queue_bytes: int = 1 << 30,
-                 local_collector: str | os.PathLike[str] | None = None) -> None:
+                 local_collector: str | os.PathLike[str] | None = None,
+                 health_endpoint: str | None = None, console_findings: bool = True) -> None:
         self.run = identity.resolve_run(run)
         self.rank, self.world_size = identity.resolve_rank_world(rank, world_size)
         self._local = None
         self.endpoint = identity.resolve_endpoint(endpoint)  # a ValueError if malformed
-        curve = _load_curve(curve_keys or os.environ.get("TRAINWATCH_CURVE_KEYS"))
+        self.health_endpoint = identity.resolve_health_endpoint(health_endpoint, self.endpoint)
+        curve = load_client_keys(curve_keys or os.environ.get("TRAINWATCH_CURVE_KEYS"))
         if local_collector is not None and endpoint is None \
                 and not os.environ.get("TRAINWATCH_ENDPOINT"):
             from .local import LocalCollector
 
             self._local = LocalCollector(local_collector, self.run)
             self.endpoint = self._local.endpoint
+            self.health_endpoint = health_endpoint or self._local.health_endpoint
+        self._feedback = Feedback(self.run, console=console_findings)
+        sub = None if self.health_endpoint is None else \
+            HealthSocket(self.health_endpoint, self._feedback, curve)
         self._pid = os.getpid()
         self._seq = itertools.count()
         self._lock = threading.Lock()  # only against concurrent log_* calls, never the sender
         self._closed = False
+        self._stopped = False  # should_stop said True
         self._after_close = 0
         self._epoch = 0  # the epoch that steps now belong to (last logged + 1)
         self._step = 0
@@ -144,7 +162,7 @@ class TrainerClient:
                                   random.getrandbits(32), max_queue=max_queue,
                                   max_queue_bytes=max_queue_bytes, curve=curve,
                                   connect_warn_s=wait or CONNECT_WARN_S,
-                                  first_peer_s=wait or FIRST_PEER_S)
+                                  first_peer_s=wait or FIRST_PEER_S, health=sub)
         except BaseException:
             if self._local is not None:
                 self._local.stop()
@@ -171,7 +189,38 @@ class TrainerClient:
         return {"handed_to_socket": s.handed_to_socket, "dropped": sum(drops.values()),
                 "dropped_by_reason": drops, "queued": s.queued(),
                 "after_close": self._after_close, "connected": s.connected,
-                "sender": s.state(), "sent": s.handed_to_socket}
+                "sender": s.state(), "sent": s.handed_to_socket,
+                "health": dict(self._feedback.stats)}
+
+    @property
+    def health(self) -> Health:
+        """The run's verdict as last heard from the collector: ``level`` ("unknown" until
+        it spoke, then healthy / warning / critical), the raised ``findings`` with their
+        messages and remedies, the ``epoch`` judged, the stop if any. A snapshot: it never
+        changes under you; read it again for news. Never waits."""
+        return self._feedback.health
+
+    @property
+    def should_stop(self) -> bool:
+        """True once the collector decided a stop at step S and this rank's ``log_step``
+        count reached S; every rank turns at the same S (no collective). A rank that never
+        hears back never stops. Never waits. Once it said True, the client's goodbye says
+        the run ended "stopped"."""
+        stop = self._feedback.stop
+        if stop is None or self._step < stop.step:
+            return False
+        self._stopped = True
+        return True
+
+    def on_finding(self, callback: Callable[[Finding], object]) -> Callable[[Finding], object]:
+        """Call ``callback(finding)`` for each finding raised or cleared, in order, on the
+        calling thread at its next ``log_*`` call or ``close()`` (never from the sender
+        thread). One that raises is logged once and counted
+        (``stats["health"]["callback_errors"]``). Returns ``callback`` (a decorator)."""
+        if not callable(callback):
+            raise TypeError(f"on_finding takes a callable, got {type(callback).__name__}")
+        self._feedback.callbacks.append(callback)
+        return callback
 
     def log_config(self, config: Mapping[str, Any], model: nn.Module | None = None) -> None:
         """Hyperparameters (the seed's section 1); with a model, ``num_params`` is added."""
@@ -207,25 +256,12 @@ class TrainerClient:
         consts = {k: constants(v, len(names), k) for k, v in (("mean", mean), ("std", std))}
         try:
             flat, total = sample_rows(data.detach(), dim, max_rows)
-            rows = max(1, _CHUNK_BYTES // max(1, flat.shape[1] * flat.element_size()))
-            chunks = list(torch.split(flat, rows)) or [flat]
-            hosts = [reductions.to_host(chunk.contiguous()) for chunk in chunks]
+            chunks = data_chunks(flat, total, names, dtype, consts, _CHUNK_BYTES)
         except Exception as exc:
             self._failed("log_data_stats", exc)
             return
-        for i, (host, event) in enumerate(hosts):
-            extra = consts if i == 0 else {}
-            body = {"index": i, "count": len(chunks), "channels": names}
-            if i == 0:
-                body.update(rows_total=total, rows_sent=flat.shape[0])
-
-            def build(h: torch.Tensor, body: dict = body, extra: dict = extra) -> tuple:
-                ts = [raw(h, "chunk", dtype)]
-                ts += [wire.Tensor(k, "float64", (len(names),), v) for k, v in extra.items()
-                       if v is not None]
-                return body, ts
-
-            self._enqueue(wire.KIND_DATA, build, host, event, host.numel() * host.element_size())
+        for build, host, event, nbytes in chunks:
+            self._enqueue(wire.KIND_DATA, build, host, event, nbytes)
 
     def log_step(self, loss: torch.Tensor | float,
                  components: Mapping[str, torch.Tensor | float] | None = None,
@@ -305,17 +341,7 @@ class TrainerClient:
                 # the columns of the norms its steps shipped (after zero_grad no gradient is
                 # left to name them): from model= or from grad_norms=
                 names = self._norm_names.get(id(model)) or self._pn_names
-                w = reductions.weight_summary(params)
-                e = None
-                if ema_model is not None:
-                    ema = reductions.named_params(reductions.unwrap(ema_model),
-                                                  trainable_only=False)
-                    e = reductions.ema_summary(params, ema)
-                nw, ne = (_NW if w is not None else 0), (_NE if e is not None else 0)
-                vecs = [v for v in (w, e) if v is not None]
-                if vecs:
-                    dev = vecs[0].device
-                    host, event = reductions.to_host(torch.cat([v.to(dev) for v in vecs]))
+                host, event, nw, ne = epoch_vector(params, ema_model)
             except Exception as exc:
                 self._warn_once("log_epoch", "trainwatch: log_epoch could not summarise the "
                                 "weights (%s: %s); the epoch is sent without them",
@@ -374,12 +400,15 @@ class TrainerClient:
             self._closed = True
         if os.getpid() != self._pid:
             return
+        if self._feedback.callbacks:  # findings heard since the last log_* call
+            self._feedback.deliver()
         if self._local is not None:  # our own collector may still be starting up
             timeout = max(timeout, 30.0)
         deadline = time.monotonic() + max(0.0, timeout)
         seq = next(self._seq)
+        how = "stopped" if self._stopped and ended == "finished" else str(ended)[:64]
         final = Item(wire.KIND_BYE, seq, self._step, self._epoch, self._sender.enq_dropped,
-                     lambda _h: ({"stats": self._final_stats(), "ended": str(ended)[:64]}, []))
+                     lambda _h: ({"stats": self._final_stats(), "ended": how}, []))
         if not self._sender.close(deadline, final):
             _log.warning("trainwatch: close() timed out after %.1fs", timeout)
         if self._local is not None:
@@ -394,6 +423,9 @@ class TrainerClient:
     # -- internals -------------------------------------------------------------------
     def _enqueue(self, kind: int, build: Any, host: Any = None, event: Any = None,
                  nbytes: int = 0, step: int | None = None, epoch: int | None = None) -> None:
+        fb = self._feedback
+        if fb.pending and fb.callbacks:  # findings the sender thread heard: on this thread
+            fb.deliver()
         if self._closed:
             self._after_close += 1
             return
@@ -431,14 +463,3 @@ class TrainerClient:
     def _forked(self) -> None:
         self._closed = True
         self._pid = -1
-
-
-_NW, _NE = len(wire.WEIGHT_FIELDS), len(wire.EMA_FIELDS)  # the epoch vector's two parts
-
-
-def _load_curve(folder: str | None) -> dict[str, bytes] | None:
-    if not folder:
-        return None
-    from .curve import client_keys
-
-    return client_keys(folder)

@@ -22,3 +22,8 @@ def client_keys(folder: str | Path) -> dict[str, bytes]:
     if secret is None:
         raise ValueError(f"trainwatch: {d / 'client.key_secret'} holds no secret key")
     return {"public": public, "secret": secret, "server": server}
+
+
+def load_client_keys(folder: str | Path | None) -> dict[str, bytes] | None:
+    """``client_keys(folder)``, or None for no folder (no CURVE)."""
+    return client_keys(folder) if folder else None

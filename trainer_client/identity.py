@@ -29,6 +29,34 @@ def resolve_endpoint(endpoint: str | None) -> str:
     return endpoint
 
 
+def resolve_health_endpoint(health_endpoint: str | None, endpoint: str) -> str | None:
+    """The back-channel's endpoint: argument, else TRAINWATCH_HEALTH_ENDPOINT, else the one
+    beside ``endpoint`` (tcp port + 1, ipc path + ``.health``); "none" (or one that cannot
+    be derived) is None: no back-channel. A malformed one is a ValueError."""
+    from .wire.health import health_endpoint as beside
+
+    source = "health_endpoint"
+    if not health_endpoint:
+        health_endpoint = os.environ.get("TRAINWATCH_HEALTH_ENDPOINT")
+        source = "TRAINWATCH_HEALTH_ENDPOINT"
+    if not health_endpoint:
+        derived = beside(endpoint)
+        return derived if derived is not None and not _endpoint_problem(derived) else None
+    if health_endpoint == "none":
+        return None
+    check_endpoint(health_endpoint, source)
+    return health_endpoint
+
+
+def ipv6_host(endpoint: str) -> bool:
+    """A tcp endpoint whose host is an IPv6 address: the host precedes the port's ':',
+    after any source address (``src;host:port``), as libzmq reads it (a socket then needs
+    ``zmq.IPV6``, else libzmq cannot even resolve ``tcp://[::1]:P``)."""
+    if not endpoint.startswith("tcp://"):
+        return False
+    return ":" in endpoint[6:].rpartition(";")[2].rpartition(":")[0]
+
+
 def check_endpoint(endpoint: str, source: str) -> None:
     """Raise ValueError unless ``endpoint`` is tcp://host:port or ipc://path."""
     why = _endpoint_problem(endpoint)

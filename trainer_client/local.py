@@ -2,8 +2,9 @@
 
 ``TrainerClient(local_collector="trainwatch-out")`` starts ``trainwatch collect`` as a
 child process on an ipc socket in that folder (recording, JSONL and the offline wandb run
-land there too) and waits for it, bounded, at ``close()``, then removes the socket file.
-One line adds monitoring.
+land there too) and waits for it, bounded, at ``close()``, then removes the socket files.
+Its back-channel is an ipc socket beside the first, so the collector's findings reach the
+script's console. One line adds monitoring.
 """
 
 from __future__ import annotations
@@ -24,18 +25,17 @@ class LocalCollector:
         self.folder = Path(folder).resolve()
         self.folder.mkdir(parents=True, exist_ok=True)
         safe = "".join(c if c.isalnum() or c in "-_." else "-" for c in run)
-        self.socket = self.folder / (safe + ".sock")
-        if len(str(self.socket).encode()) > _IPC_PATH_MAX:
-            # A Unix socket path has 107 bytes: a deep folder gets its socket in /tmp.
-            tag = hashlib.sha1(str(self.socket).encode()).hexdigest()[:16]
-            self.socket = Path(tempfile.gettempdir()) / f"trainwatch-{tag}.sock"
+        self.socket = _socket_path(self.folder / (safe + ".sock"))
+        self.health_socket = _socket_path(self.folder / (safe + ".health.sock"))
         self.endpoint = f"ipc://{self.socket}"
+        self.health_endpoint = f"ipc://{self.health_socket}"
         self.recording = self.folder / f"{safe}.twrec"
         self.jsonl = self.folder / f"{safe}.jsonl"
         self.log = self.folder / f"{safe}.collector.log"
         args = [sys.executable, "-m", "collector", "collect", "--bind", self.endpoint,
-                "--record", str(self.recording), "--jsonl", str(self.jsonl), "--once",
-                "--quiet", "1", "--no-view", "--wandb-dir", str(self.folder)]
+                "--health-bind", self.health_endpoint, "--record", str(self.recording),
+                "--jsonl", str(self.jsonl), "--once", "--quiet", "1", "--no-view",
+                "--wandb-dir", str(self.folder)]
         with open(self.log, "ab") as fh:
             # Its own session: a Ctrl-C aimed at the training script does not kill it
             # before it has drained what the script sent.
@@ -68,8 +68,17 @@ class LocalCollector:
 
     def _unlink_socket(self) -> None:
         # Only a socket: never a file someone put at that path.
-        try:
-            if stat.S_ISSOCK(os.lstat(self.socket).st_mode):
-                os.unlink(self.socket)
-        except FileNotFoundError:
-            pass
+        for path in (self.socket, self.health_socket):
+            try:
+                if stat.S_ISSOCK(os.lstat(path).st_mode):
+                    os.unlink(path)
+            except FileNotFoundError:
+                pass
+
+
+def _socket_path(path: Path) -> Path:
+    """``path``, or one in /tmp when it is too long: a Unix socket path has 107 bytes."""
+    if len(str(path).encode()) <= _IPC_PATH_MAX:
+        return path
+    tag = hashlib.sha1(str(path).encode()).hexdigest()[:16]
+    return Path(tempfile.gettempdir()) / f"trainwatch-{tag}.sock"

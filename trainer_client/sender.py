@@ -7,7 +7,8 @@ the message is dropped and counted. A socket monitor (read on this thread only) 
 whether a collector is connected: while none is, the queue holds what was logged (up to
 its bounds) instead of trickling it into a socket that cannot deliver, and the trainer's
 console is told once when nothing connected in ``connect_warn_s``, and whenever a
-connection is lost or comes back. Drops by reason:
+connection is lost or comes back. The back-channel's SUB socket (``feedback.HealthSocket``)
+is this thread's too, read at the same cadence as the monitor. Drops by reason:
 
 - ``queue_full``: the queue (count or bytes) was full when the message was made;
 - ``send_failed``: the socket stayed full (collector slow) or raised;
@@ -37,6 +38,8 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from . import wire
+from .feedback import HealthSocket
+from .identity import ipv6_host
 from .reductions import MutatedError
 
 _log = logging.getLogger("trainwatch.client")
@@ -93,7 +96,8 @@ class Sender:
                  max_queue: int = 10_000, max_queue_bytes: int = 1 << 30,
                  sndhwm: int = 10_000, send_wait_s: float = 0.1,
                  connect_warn_s: float = CONNECT_WARN_S, first_peer_s: float = FIRST_PEER_S,
-                 curve: dict[str, bytes] | None = None) -> None:
+                 curve: dict[str, bytes] | None = None,
+                 health: HealthSocket | None = None) -> None:
         self.endpoint = endpoint
         self._ident = (run, rank, world_size, instance)
         self.max_queue = max_queue
@@ -103,6 +107,7 @@ class Sender:
         self._connect_warn_s = connect_warn_s
         self._first_peer_s = first_peer_s
         self._curve = curve
+        self._health = health
         self._queue: deque[Item] = deque()
         self._wake = threading.Event()
         self._stop_at: float | None = None  # monotonic deadline once close() has begun
@@ -199,8 +204,8 @@ class Sender:
         sock.setsockopt(zmq.IMMEDIATE, 1)
         sock.setsockopt(zmq.RECONNECT_IVL, 100)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
-        if _ipv6_host(self.endpoint):
-            sock.setsockopt(zmq.IPV6, 1)  # else libzmq cannot even resolve tcp://[::1]:P
+        if ipv6_host(self.endpoint):
+            sock.setsockopt(zmq.IPV6, 1)
         if self._curve:
             sock.curve_secretkey = self._curve["secret"]
             sock.curve_publickey = self._curve["public"]
@@ -220,6 +225,8 @@ class Sender:
                 self._connect_error = exc  # the constructor raises it as a ValueError
                 clean = True
                 return
+            if self._health is not None:
+                self._health.open(ctx)
             self._ready.set()
             self._loop(sock, mon)
             clean = True
@@ -234,6 +241,8 @@ class Sender:
             self._ready.set()
             # Give the socket what is left of the close deadline to hand queued bytes over.
             left = 0.0 if self._stop_at is None else self._stop_at - time.monotonic()
+            if self._health is not None:
+                self._health.close()
             if mon is not None:
                 try:
                     sock.disable_monitor()
@@ -252,6 +261,8 @@ class Sender:
             now = time.monotonic()
             if now >= next_watch:
                 self._watch(mon, now)
+                if self._health is not None:
+                    self._health.poll()
                 next_watch = now + POLL_S
             if self._stop_at is not None:
                 if not q:
@@ -380,11 +391,3 @@ class Sender:
     def _sender_dropped(self) -> int:
         d = self.drops
         return sum(d[k] for k in _SENDER_SIDE)
-
-
-def _ipv6_host(endpoint: str) -> bool:
-    """A tcp endpoint whose host is an IPv6 address: the host precedes the port's ':',
-    after any source address (``src;host:port``), as libzmq reads it."""
-    if not endpoint.startswith("tcp://"):
-        return False
-    return ":" in endpoint[6:].rpartition(";")[2].rpartition(":")[0]

@@ -9,11 +9,11 @@ from typing import Any, NamedTuple
 
 import torch
 
-from . import reductions
+from . import reductions, wire
 from .tensors import BadArgument, raw
 
-__all__ = ["GradWatch", "StepVector", "as_float", "host_step", "scalar", "step_vector",
-           "versions"]
+__all__ = ["GradWatch", "StepVector", "as_float", "epoch_vector", "host_step", "scalar",
+           "step_vector", "versions"]
 
 _log = logging.getLogger("trainwatch.client")
 
@@ -182,3 +182,24 @@ def step_vector(loss: Any, components: Any, pn: tuple | None, grad_norm: Any, lr
                         has_gn, gn_float, has_lr, lr_float, len(parts), pn is not None,
                         grads, step)
     return layout, host, event
+
+
+_NW, _NE = len(wire.WEIGHT_FIELDS), len(wire.EMA_FIELDS)  # the epoch vector's two parts
+
+
+def epoch_vector(params: list[tuple[str, torch.Tensor]], ema_model: Any) -> tuple:
+    """``log_epoch``'s device work: (host copy, its event, weight fields, EMA fields) of the
+    weight summary and, with ``ema_model``, the EMA difference; (None, None, 0, 0) when
+    neither can be computed."""
+    w = reductions.weight_summary(params)
+    e = None
+    if ema_model is not None:
+        ema = reductions.named_params(reductions.unwrap(ema_model), trainable_only=False)
+        e = reductions.ema_summary(params, ema)
+    nw, ne = (_NW if w is not None else 0), (_NE if e is not None else 0)
+    vecs = [v for v in (w, e) if v is not None]
+    if not vecs:
+        return None, None, nw, ne
+    dev = vecs[0].device
+    host, event = reductions.to_host(torch.cat([v.to(dev) for v in vecs]))
+    return host, event, nw, ne

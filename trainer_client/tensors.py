@@ -10,8 +10,8 @@ import torch
 
 from . import wire
 
-__all__ = ["BadArgument", "BadDtype", "channel_axis", "constants", "dtype_name", "plain", "raw",
-           "sample_rows"]
+__all__ = ["BadArgument", "BadDtype", "channel_axis", "constants", "data_chunks", "dtype_name",
+           "plain", "raw", "sample_rows"]
 
 DATA_SAMPLE_SEED = 0  # the same data gives the same sample on every run and rank
 
@@ -64,6 +64,34 @@ def sample_rows(x: torch.Tensor, dim: int, max_rows: int | None) -> tuple[torch.
         coords.append(idx % size)
         idx = idx // size
     return x[tuple(reversed(coords))], total
+
+
+def data_chunks(flat: torch.Tensor, total: int, names: list[str], dtype: str,
+                consts: dict[str, bytes | None], chunk_bytes: int) -> list[tuple]:
+    """``log_data_stats``' messages, one per chunk of ``flat`` (rows x channels) of about
+    ``chunk_bytes``: (build, host copy, its event, bytes), each copy to host memory
+    started; the first chunk's body says ``rows_total``/``rows_sent`` and carries
+    ``consts``."""
+    from .reductions import to_host
+
+    rows = max(1, chunk_bytes // max(1, flat.shape[1] * flat.element_size()))
+    chunks = list(torch.split(flat, rows)) or [flat]
+    out = []
+    for i, chunk in enumerate(chunks):
+        host, event = to_host(chunk.contiguous())
+        extra = consts if i == 0 else {}
+        body: dict[str, Any] = {"index": i, "count": len(chunks), "channels": names}
+        if i == 0:
+            body.update(rows_total=total, rows_sent=flat.shape[0])
+
+        def build(h: torch.Tensor, body: dict = body, extra: dict = extra) -> tuple:
+            ts = [raw(h, "chunk", dtype)]
+            ts += [wire.Tensor(k, "float64", (len(names),), v) for k, v in extra.items()
+                   if v is not None]
+            return body, ts
+
+        out.append((build, host, event, host.numel() * host.element_size()))
+    return out
 
 
 def dtype_name(t: torch.Tensor) -> str:

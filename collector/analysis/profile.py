@@ -15,6 +15,7 @@ Errors are ``ProfileError``s naming the file and the key, e.g.
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import math
 import tomllib
@@ -23,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["DEFAULT_PATH", "PACKAGED", "Condition", "Diagnosis", "Profile", "ProfileError",
-           "Rule", "load_profile", "matches"]
+           "Rule", "load_profile", "matches", "with_stop_on"]
 
 PROFILES_DIR = Path(__file__).parent / "profiles"
 DEFAULT_NAME = "gait_diffusion"
@@ -53,7 +54,9 @@ _DIAG_KEYS = {"enabled", "severity", "cause", "remedy", "phases", "suggest", "re
               "score", "conditions"} | _HYSTERESIS_KEYS
 _TOP_KEYS = {"name", "base", "channels", "validation", "phases", "ddp", "gradients", "loss",
              "improvement", "hysteresis", "diversity", "reference", "remedies", "rules",
-             "diagnoses"}
+             "diagnoses", "actions"}
+_ACTION_KEYS = {"stop_on", "stop_margin_s", "stop_min_steps"}
+MAX_STOP_RULE = 256  # characters of a stop_on id (collector.recording.controls.MAX_RULE_LEN)
 # What a message template may name; every kind fills the ones it knows, and ``held`` is
 # how many judged epochs in a row the condition held when the rule was raised.
 MESSAGE_FIELDS = dict(value=1.0, threshold=1.0, metric="m", median=1.0, factor=1.0,
@@ -178,6 +181,9 @@ class Profile:
     actual: tuple[tuple[str, str], ...] = ()  # config key -> metric with the run's own value
     base: str = DEFAULT_NAME  # the packaged profile this one is built on
     switchable: bool = False  # the unmodified default: RunHealth may pick ``generic``
+    stop_on: tuple[str, ...] = ()  # [actions]: findings (rule ids) that stop a run
+    stop_margin_s: float = 10.0  # seconds of steps between a stop decision and its step
+    stop_min_steps: int = 10  # the stop step is at least this far past the highest seen
 
     def phase(self, epoch: int) -> int:
         for i, end in enumerate(self.phase_ends):
@@ -187,6 +193,12 @@ class Profile:
 
     def diagnosis(self, did: str) -> Diagnosis | None:
         return next((d for d in self.diagnoses if d.id == did), None)
+
+    @property
+    def finding_ids(self) -> tuple[str, ...]:
+        """What events name: every rule's id and ``diagnosis/<id>`` for each diagnosis."""
+        return tuple(r.id for r in self.rules) + tuple(f"diagnosis/{d.id}"
+                                                       for d in self.diagnoses)
 
     @property
     def thresholds(self) -> dict[str, float]:
@@ -233,6 +245,25 @@ def load_profile(path: str | Path | None = None) -> Profile:
         raise ProfileError(f"{path}: base: expected one of {sorted(PACKAGED)}, got {base!r}")
     data = _merge(_read(PACKAGED[base]), user)
     return _Builder(data, user, str(PACKAGED[base]), str(path), base).build()
+
+
+def with_stop_on(profile: Profile, names: list[str], source: str = "--stop-on") -> Profile:
+    """``profile`` with ``[actions] stop_on`` replaced (``trainwatch collect --stop-on``);
+    a ProfileError names what the profile has no finding of."""
+    return dataclasses.replace(profile, stop_on=_stop_on(profile, names, source))
+
+
+def _stop_on(profile: Profile, names: list[str], where: str) -> tuple[str, ...]:
+    long = [n for n in names if len(n) > MAX_STOP_RULE]
+    if long:  # a stop is recorded with its finding's id, checked to this length on replay
+        raise ProfileError(f"{where}: {long[0][:40]!r}... is longer than {MAX_STOP_RULE} "
+                           "characters")
+    unknown = [n for n in names if n not in profile.finding_ids]
+    if unknown:
+        raise ProfileError(f"{where}: no finding {unknown[0]!r} in profile {profile.name!r} "
+                           f"(rules by id, diagnoses as diagnosis/<id>, e.g. "
+                           f"diagnosis/gradient_explosion)")
+    return tuple(dict.fromkeys(names))
 
 
 def _read(path: Path) -> dict[str, Any]:
@@ -305,6 +336,7 @@ class _Builder:
                         "improvement", "diversity", "reference", "remedies"):
             self.table((section,), self.data.get(section, {}), None)
         self.table(("hysteresis",), self.data.get("hysteresis", {}), _HYSTERESIS_KEYS)
+        self.table(("actions",), self.data.get("actions", {}), _ACTION_KEYS)
         actual = self.table(("remedies", "actual"), _dig(self.data, ("remedies", "actual"))
                             or {}, None)
         for k, v in actual.items():
@@ -317,7 +349,7 @@ class _Builder:
         diags = tuple(self.diagnosis(did, body) for did, body in
                       self.table(("diagnoses",), self.data.get("diagnoses", {}), None).items()
                       if self.get(("diagnoses", did, "enabled"), "bool", True))
-        return Profile(
+        profile = Profile(
             name=self.get(("name",), "str", "custom"),
             source=self.user_path or self.default,
             knee_channel=knee, grf_channel=grf,
@@ -340,7 +372,14 @@ class _Builder:
             max_values=self.get(("diversity", "max_values"), "posint"),
             reference_block_rows=self.get(("reference", "block_rows"), "posint"),
             reference_max_values=self.get(("reference", "max_values"), "posint"),
-            actual=tuple(actual.items()), base=self.base, switchable=self.switchable)
+            actual=tuple(actual.items()), base=self.base, switchable=self.switchable,
+            stop_margin_s=self.get(("actions", "stop_margin_s"), "positive", 10.0),
+            stop_min_steps=self.get(("actions", "stop_min_steps"), "posint", 10))
+        names = self.get(("actions", "stop_on"), "names", [])
+        try:
+            return with_stop_on(profile, names, "")
+        except ProfileError as exc:
+            raise self.fail(("actions", "stop_on"), str(exc).removeprefix(": ")) from None
 
     def condition(self, keys: tuple[str, ...], body: dict, extra: set[str]) -> Condition:
         kind = self.get(keys + ("kind",), "str")

@@ -45,12 +45,20 @@ def server_keys(folder: str | Path) -> tuple[bytes, bytes]:
 
 def start_authenticator(ctx: zmq.Context, sock: zmq.Socket, folder: str | Path
                         ) -> ThreadAuthenticator:
-    """Make ``sock`` a CURVE server that accepts only keys in ``folder/authorized``."""
+    """Make ``sock`` a CURVE server that accepts only keys in ``folder/authorized``; the
+    authenticator serves every socket of ``ctx`` made one with ``curve_server``."""
     public, secret = server_keys(folder)
     auth = ThreadAuthenticator(ctx)
     auth.start()
     auth.configure_curve(domain="*", location=str(Path(folder) / "authorized"))
+    curve_server(sock, folder)
+    return auth
+
+
+def curve_server(sock: zmq.Socket, folder: str | Path) -> None:
+    """Give ``sock`` the collector's keys as a CURVE server (e.g. the back-channel's PUB
+    beside the PULL): the context's authenticator then admits only authorized clients."""
+    public, secret = server_keys(folder)
     sock.curve_secretkey = secret
     sock.curve_publickey = public
     sock.curve_server = True
-    return auth

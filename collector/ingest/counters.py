@@ -12,9 +12,40 @@ from __future__ import annotations
 
 from trainer_client import wire
 
-__all__ = ["RankCounters", "StreamCounters"]
+__all__ = ["RATE_SPAN_S", "RankCounters", "StepClock", "StreamCounters"]
 
 _KINDS = max(wire.KINDS) + 1
+RATE_SPAN_S = 5.0  # a stream's step rate is measured over the last 5 to 10 s of its steps
+
+
+class StepClock:
+    """A stream's highest step and recent step rate, from its steps' wall times (the
+    client's clock, as the messages carry it): what a stop decision reads
+    (``State.progress``). The rate spans from a mark at least ``RATE_SPAN_S`` old (and
+    under twice that, once the stream is that old) to the latest step."""
+
+    __slots__ = ("step", "wall", "mark", "next_mark")
+
+    def __init__(self) -> None:
+        self.step = -1
+        self.wall = 0.0
+        self.mark: tuple[int, float] | None = None  # (step, wall) the rate counts from
+        self.next_mark: tuple[int, float] | None = None
+
+    def note(self, step: int, wall: float) -> None:
+        """A step message (or the last of a bulk stretch) arrived."""
+        if self.mark is None:
+            self.mark = self.next_mark = (step, wall)
+        elif wall - self.next_mark[1] >= RATE_SPAN_S:
+            self.mark, self.next_mark = self.next_mark, (step, wall)
+        self.step = max(self.step, step)
+        self.wall = max(self.wall, wall)
+
+    def rate(self) -> float:
+        """Steps per second since the mark (0.0 until two steps are apart in time)."""
+        if self.mark is None or self.wall <= self.mark[1]:
+            return 0.0
+        return max(0.0, (self.step - self.mark[0]) / (self.wall - self.mark[1]))
 
 
 class StreamCounters:

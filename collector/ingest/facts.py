@@ -14,7 +14,7 @@ from collector.analysis.inputs import DataConstants, EpochInput, ValidationInput
 from collector.records import Ranks
 
 __all__ = ["BadStep", "ConfigSeen", "DataChunk", "EpochClosed", "Fact", "LateValidation",
-           "Note", "RunEvicted", "RunFinished", "RunOpened"]
+           "Note", "RunEvicted", "RunFinished", "RunOpened", "StopDecided"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,5 +99,17 @@ class RunEvicted:
     run: str
 
 
+@dataclass(frozen=True, slots=True)
+class StopDecided:
+    """A ``stop_run`` control took effect: the run stops at ``step`` (see ``StopRecord``)."""
+
+    run: str
+    epoch: int
+    step: int
+    rule: str
+    seen: int
+    steps_per_s: float
+
+
 Fact = (RunOpened | ConfigSeen | DataChunk | BadStep | EpochClosed | LateValidation
-        | RunFinished | Note | RunEvicted)
+        | RunFinished | Note | RunEvicted | StopDecided)

@@ -11,8 +11,9 @@ message, and any step the bulk pass does not vouch for, takes the per-message pa
 (``feed``), which gives the same result one at a time; tests hold the two equal. Both
 record what they accept before it has any effect.
 
-Live, the server asks ``tick(now)`` for the clock's decisions (epoch timeouts), which are
-written to the recording as CONTROL records. A replay feeds the recorded frames and
+Live, the server asks ``tick(now)`` for the clock's decisions (epoch timeouts), and the stop
+policy for its (``collector.ingest.stops``), which are written to the recording as CONTROL
+records. A replay feeds the recorded frames and
 controls, in order, to an identical pipeline with a recorder that records nothing, so it
 reaches identical records.
 """
@@ -40,6 +41,7 @@ from collector.ingest.facts import (
     RunEvicted,
     RunFinished,
     RunOpened,
+    StopDecided,
 )
 from collector.ingest.limits import Limits
 from collector.ingest.state import State, Stream, step_bytes
@@ -66,6 +68,7 @@ from collector.records import (
     Ranks,
     Record,
     RunRecord,
+    StopRecord,
     SummaryRecord,
 )
 from collector.sinks.base import NullSink, Sink
@@ -305,6 +308,8 @@ class Pipeline:
             elif isinstance(f, RunEvicted):
                 self.health.pop(f.run, None)
                 self.active.pop(f.run, None)
+            elif isinstance(f, StopDecided):
+                self._emit(StopRecord(f.run, f.epoch, f.step, f.rule, f.seen, f.steps_per_s))
 
     def _epoch_record(self, run: str, v: EpochVerdict, ranks: Ranks = NO_RANKS,
                       missing: Ranks = NO_RANKS, amends: bool = False) -> EpochRecord:

@@ -1,9 +1,12 @@
-"""The live collector: one PULL socket that every rank of every run connects to.
+"""The live collector: one PULL socket that every rank of every run connects to, and the
+back-channel's PUB beside it (``health_binds``) that every rank subscribes to.
 
-The loop drains the socket in batches into the pipeline, flushes the recording after
-each batch (so a SIGKILL loses at most the batch in flight), and every half second asks
-the pipeline for the clock's decisions and refreshes the status view. SIGINT/SIGTERM:
-drain what has arrived, finish the recording and the sinks, return 0.
+The loop drains the PULL in batches into the pipeline, flushes the recording after each
+batch (so a SIGKILL loses at most the batch in flight), and every half second asks the
+pipeline for the clock's decisions and the stop policy for its, republishes the runs'
+verdicts and refreshes the status view. The PUB shares the PULL's CURVE keys and
+authenticator. SIGINT/SIGTERM: drain what has arrived, finish the recording and the
+sinks, return 0.
 """
 
 from __future__ import annotations
@@ -19,7 +22,9 @@ import zmq
 
 from collector.ingest.binds import BindError, bind_all, check_binds
 from collector.ingest.pipeline import Batch, Pipeline
+from collector.ingest.stops import StopPolicy
 from collector.report.liveview import NullView, StatusView
+from collector.sinks.health_pub import HealthPublisher
 from collector.text import printable
 
 __all__ = ["Collector", "receive"]
@@ -30,6 +35,8 @@ DRAIN_BATCH = 500  # messages per pipeline batch: amortises it, keeps the socket
 DRAIN_LIMIT = 5000  # messages between two looks at the clock
 DRAIN_BYTES = 32 << 20  # tensor bytes per batch (validation samples, data chunks)
 TICK_S = 0.5
+PUB_HWM = 10_000  # back-channel messages queued per subscriber before it loses some
+PUB_LINGER_S = 0.5  # at the end, the last verdicts' time to leave
 _NOBLOCK = int(zmq.NOBLOCK)
 
 
@@ -84,13 +91,25 @@ def _give_back_memory() -> None:
 
 
 class Collector:
-    """Serves ``binds`` into ``pipeline`` until stopped (or, with ``once``, until done)."""
+    """Serves ``binds`` into ``pipeline`` until stopped (or, with ``once``, until done).
+
+    ``health``: the back-channel's publisher (also one of the pipeline's sinks), bound to
+    ``health_binds``; when they cannot be bound the collector goes on without it (a
+    warning), unless ``health_required`` (the user named them). ``actions``: the stop
+    policy (also a sink), asked at every tick.
+    """
 
     def __init__(self, binds: list[str], pipeline: Pipeline, curve_keys: str | None = None,
                  once: bool = False, quiet_s: float = 3.0, view: StatusView | None = None,
                  max_msg_bytes: int = 64 << 20, rcvhwm: int = 10_000,
-                 insecure: bool = False) -> None:
+                 insecure: bool = False, health: HealthPublisher | None = None,
+                 health_binds: list[str] | None = None, health_required: bool = False,
+                 actions: StopPolicy | None = None) -> None:
         self.binds = binds
+        self.health = health
+        self.health_binds = list(health_binds or []) if health is not None else []
+        self.health_required = health_required
+        self.actions = actions
         self.insecure = insecure  # bind beyond loopback without CURVE (binds.check_binds)
         self.pipeline = pipeline
         self.curve_keys = curve_keys
@@ -109,9 +128,9 @@ class Collector:
         self._stop = True
 
     def serve(self) -> int:
-        check_binds(self.binds, bool(self.curve_keys), self.insecure)
+        check_binds(self.binds + self.health_binds, bool(self.curve_keys), self.insecure)
         ctx = zmq.Context()
-        auth = None
+        auth = pub = None
         sock = ctx.socket(zmq.PULL)
         sock.setsockopt(zmq.RCVHWM, self.rcvhwm)
         sock.setsockopt(zmq.MAXMSGSIZE, self.max_msg_bytes)
@@ -126,6 +145,7 @@ class Collector:
             signal.signal(sig, self.stop)
         try:
             bind_all(sock, self.binds)
+            pub = self._publisher(ctx)
         except BindError:
             sock.close()
             if auth is not None:
@@ -136,7 +156,9 @@ class Collector:
         _log.info("collecting on %s", ", ".join(printable(b) for b in self.binds))
         # Bound first: while the kernels compile (seconds on a cold cache), messages wait
         # in the socket's queue instead of being refused.
+        t0 = time.monotonic()
         self.pipeline.warm_up()
+        _log.info("ready (kernels loaded in %.1f s)", time.monotonic() - t0)
         try:
             self._loop(sock)
             self._drain(sock)
@@ -146,10 +168,37 @@ class Collector:
             self.view.update(self.status())
             self.view.close()
             sock.close()
+            if pub is not None:
+                pub.close(linger=int(PUB_LINGER_S * 1000))
             if auth is not None:
                 auth.stop()
             ctx.term()
         return 0
+
+    def _publisher(self, ctx: zmq.Context) -> zmq.Socket | None:
+        """The back-channel's PUB, bound and handed to the publisher; None without one."""
+        if not self.health_binds:
+            return None
+        pub = ctx.socket(zmq.PUB)
+        pub.setsockopt(zmq.SNDHWM, PUB_HWM)
+        pub.setsockopt(zmq.LINGER, 0)
+        if self.curve_keys:
+            from collector.ingest.auth import curve_server
+
+            curve_server(pub, self.curve_keys)
+        shown = ", ".join(printable(b) for b in self.health_binds)
+        try:
+            bind_all(pub, self.health_binds)
+        except BindError as exc:
+            pub.close()
+            if self.health_required:
+                raise
+            _log.warning("no back-channel (%s): the ranks hear no verdicts or stops; pass "
+                         "--health-bind to choose its endpoint", exc)
+            return None
+        self.health.attach(pub)
+        _log.info("back-channel on %s", shown)
+        return pub
 
     def _loop(self, sock: zmq.Socket) -> None:
         last_msg = time.monotonic()
@@ -162,10 +211,15 @@ class Collector:
             if now >= next_tick:
                 next_tick = now + TICK_S
                 self.pipeline.tick(now)
+                if self.actions is not None:  # recorded decisions, like the clock's
+                    for ctl in self.actions.due(self.pipeline.state, time.time()):
+                        self.pipeline.control(ctl)
                 self.pipeline.flush()
                 if self._big_since_trim:
                     self._big_since_trim = False
                     _give_back_memory()
+                if self.health is not None:
+                    self.health.tick(now)
                 self._tell_unrecorded()
                 self.view.update(self.status())
                 if self.once and self.pipeline.state.all_finished() \

@@ -14,6 +14,10 @@ epoch; arrays are built once per epoch, when every rank of the run has closed it
 for until the live clock says otherwise, a decision that comes back in as a control
 (``close_epoch``) so that a replay decides the same. What the state holds is counted
 against ``Limits.max_held_bytes``; what would exceed it is refused at ``admit``.
+
+A stop decision (``[actions] stop_on``) reads ``progress``: the run's highest step and recent
+step rate, from each stream's ``StepClock``; the decision itself comes back in as a control
+(``stop_run``), recorded like the clock's, and the state keeps the first one per run.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ from collector.analysis.inputs import (
     raw_array,
 )
 from collector.ingest.columns import StepColumns
-from collector.ingest.counters import RankCounters, StreamCounters
+from collector.ingest.counters import RankCounters, StepClock, StreamCounters
 from collector.ingest.facts import (
     BadStep,
     ConfigSeen,
@@ -44,6 +48,7 @@ from collector.ingest.facts import (
     RunEvicted,
     RunFinished,
     RunOpened,
+    StopDecided,
 )
 from collector.ingest.limits import RUN_BYTES, STEP_BYTES, STREAM_BYTES, Limits
 from collector.ingest.stepscan import Groups, Steps, stream_key
@@ -62,7 +67,7 @@ class StreamState:
     """One client instance of a rank."""
 
     __slots__ = ("instance", "key", "counters", "open_steps", "open_bytes", "last_epoch",
-                 "finished", "ended", "host", "pid")
+                 "finished", "ended", "host", "pid", "clock")
 
     def __init__(self, instance: int, key: int, counters: StreamCounters) -> None:
         self.instance, self.key, self.counters = instance, key, counters
@@ -72,6 +77,7 @@ class StreamState:
         self.finished = False
         self.ended = ""  # how its client said it ended ("finished", "interrupted", ...)
         self.host, self.pid = "?", "?"
+        self.clock = StepClock()  # its highest step and step rate (for a stop decision)
 
     def who(self) -> str:
         return f"{self.host} pid {self.pid} (instance {self.instance})"
@@ -133,6 +139,7 @@ class RunState:
         self.held = RUN_BYTES
         self.noted: set[str] = set()  # notes already given (once each)
         self.seen = (0, time.monotonic())  # (messages, when that count was first seen)
+        self.stop: tuple[int, str] | None = None  # (step, rule) once a stop was decided
 
     def awaited(self, epoch: int) -> bool:
         """Whether a rank of the world that has not finished has not closed ``epoch``."""
@@ -282,6 +289,7 @@ class State:
                                      int(g.max_dropped[j]), float(g.last_wall[j]))
         s.run.messages += n
         s.stream.open_steps.extend(g, j, seg_names, steps, buf)
+        s.stream.clock.note(int(g.step[g.bounds[j + 1] - 1]), float(g.last_wall[j]))
         s.stream.open_bytes += nbytes
         self._hold(s.run, nbytes)
 
@@ -290,6 +298,7 @@ class State:
         kind = msg.kind
         if kind == wire.KIND_STEP:
             st.open_steps.add(msg)
+            st.clock.note(msg.step, msg.wall_time)
             cost = _cost(msg)
             st.open_bytes += cost
             self._hold(run, cost)
@@ -502,7 +511,24 @@ class State:
             self._close_ready(run, out)
         elif op == "finish_run":
             self._finish(run, "went quiet", out)
+        elif op == "stop_run" and run.stop is None:
+            run.stop = (ctl["step"], ctl["rule"])
+            out.append(StopDecided(run.run, max(run.last_closed, 0), ctl["step"], ctl["rule"],
+                                   ctl["seen"], ctl["rate"]))
         return out
+
+    def progress(self, name: str) -> tuple[int, float, float] | None:
+        """(highest step, steps per second, wall time of that step) over the current
+        streams of ``name``'s ranks; None for a run unknown, finished or without steps.
+        The rate is the fastest rank's: a margin from it is never too short."""
+        run = self.runs.get(name)
+        clocks = [] if run is None or run.finished else \
+            [r.current.clock for r in run.ranks.values() if r.current is not None]
+        clocks = [c for c in clocks if c.step >= 0]
+        if not clocks:
+            return None
+        return (max(c.step for c in clocks), max(c.rate() for c in clocks),
+                max(c.wall for c in clocks))
 
     def _evict(self, run: RunState, out: list[Fact]) -> None:
         del self.runs[run.run]

@@ -1,16 +1,17 @@
 """CONTROL records read back from a file, checked as strictly as a message off the wire.
 
-    ctl = parse(frames)          # Rejects | CloseEpoch | FinishRun, or None: skip, count
+    ctl = parse(frames)          # Rejects | CloseEpoch | StopRun | ..., or None: skip, count
     if ctl is not None:
         pipeline.control(ctl.as_dict(), record=False)
 
 The live collector writes these decisions (``Pipeline._flush_rejects``, ``State.overdue``,
-``trainwatch collect`` at start)::
+``StopPolicy.due``, ``trainwatch collect`` at start)::
 
     {"op": "rejects", "counts": {run: {reason: n}}}        # run "" when none was named
     {"op": "close_epoch", "run": run, "epoch": e}
     {"op": "finish_run", "run": run}
     {"op": "evict_run", "run": run}
+    {"op": "stop_run", "run": run, "rule": r, "step": s, "seen": s0, "rate": steps_per_s}
     {"op": "limits", "max_world_size": n, "max_held_bytes": n, ...}   # ``Limits``
 
 A recording is a file anyone may have written, and a checksum proves nothing about who
@@ -30,10 +31,11 @@ import msgpack
 from collector.ingest.limits import Limits
 from trainer_client.wire.types import MAX_RUN_LEN, MAX_WORLD, U63
 
-__all__ = ["CloseEpoch", "Control", "EvictRun", "FinishRun", "Rejects", "SetLimits", "check",
-           "parse"]
+__all__ = ["CloseEpoch", "Control", "EvictRun", "FinishRun", "Rejects", "SetLimits", "StopRun",
+           "check", "parse"]
 
 MAX_REASON_LEN = 64  # reject reasons are short counter keys ("bad_msgpack", ...)
+MAX_RULE_LEN = 256  # a rule id ("diagnosis/gradient_explosion")
 LIMIT_KEYS = frozenset(Limits.__dataclass_fields__)
 
 
@@ -85,7 +87,22 @@ class SetLimits(NamedTuple):
         return {"op": "limits", **self.values}
 
 
-Control = Rejects | CloseEpoch | FinishRun | EvictRun | SetLimits
+class StopRun(NamedTuple):
+    """``run`` stops at ``step`` because ``rule`` was raised; ``seen`` (the highest step
+    reported) and ``rate`` (steps per second) are what the margin was computed from."""
+
+    run: str
+    rule: str
+    step: int
+    seen: int
+    rate: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"op": "stop_run", "run": self.run, "rule": self.rule, "step": self.step,
+                "seen": self.seen, "rate": self.rate}
+
+
+Control = Rejects | CloseEpoch | FinishRun | EvictRun | SetLimits | StopRun
 
 
 def _int(v: Any, hi: int = U63) -> bool:
@@ -159,8 +176,19 @@ def _limits(ctl: dict) -> SetLimits | None:
     return SetLimits(values)
 
 
+def _stop_run(ctl: dict) -> StopRun | None:
+    if ctl.keys() != {"op", "run", "rule", "step", "seen", "rate"}:
+        return None
+    rule, step, seen, rate = ctl["rule"], ctl["step"], ctl["seen"], ctl["rate"]
+    if not _run(ctl["run"]) or type(rule) is not str or not 0 < len(rule) <= MAX_RULE_LEN \
+            or not _int(step) or not _int(seen) or seen > step or type(rate) is not float \
+            or not 0.0 <= rate < U63:  # NaN fails both comparisons
+        return None
+    return StopRun(ctl["run"], rule, step, seen, rate)
+
+
 _OPS = {"rejects": _rejects, "close_epoch": _close_epoch, "finish_run": _finish_run,
-        "evict_run": _evict_run, "limits": _limits}
+        "evict_run": _evict_run, "limits": _limits, "stop_run": _stop_run}
 
 
 def check(ctl: Any) -> Control | None:

@@ -120,12 +120,14 @@ def _table(headers: Iterable[str], rows: Iterable[Iterable[str]], numeric: set[i
 
 
 def _ended(run: RunData) -> str:
-    """How the run ended, in words; "" while it runs or when it finished normally."""
-    if run.ended is None or run.ended == "finished":
-        return ""
+    """How the run ended, in words (with the collector's stop action, if it took one); ""
+    while it runs or when it finished normally."""
+    stop = f" (told to stop at step {run.stop[0]}: {run.stop[1]})" if run.stop else ""
+    if run.ended is None or (run.ended == "finished" and not stop):
+        return stop.strip(" ()")
     at = run.last_epoch()
     return f"ended: {run.ended}" + (f" at epoch {at}" if at is not None else
-                                    ", before any epoch closed")
+                                    ", before any epoch closed") + stop
 
 
 def _verdict_header(title: str, runs: list[RunData], verdicts: list[Verdict],

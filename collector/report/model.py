@@ -119,6 +119,7 @@ class RunData:
     events: list[tuple[int, Event]] = field(default_factory=list)
     summary: dict[str, Any] = field(default_factory=dict)
     ended: str | None = None  # the summary's word on how the run ended
+    stop: tuple[int, str] | None = None  # (step, finding) of the collector's stop action
     missing_at: dict[int, list[tuple[int, int]]] = field(default_factory=dict)  # ranges
     reported: list[tuple[int, int]] = field(default_factory=list)  # ranks that reported
     judged_by: str = ""  # the name of the profile that judged its epochs
@@ -242,6 +243,8 @@ def group_runs(records: Iterable[dict[str, Any]]) -> list[RunData]:
             run.config.update(metrics)
         elif kind == "data_stats":
             run.data_stats.update(metrics)
+        elif kind == "stop" and isinstance(record.get("step"), int):
+            run.stop = (record["step"], str(record.get("rule") or "?"))
         elif kind == "summary":
             run.summary.update({k.removeprefix("summary/"): v for k, v in metrics.items()})
             run.ended = str(record.get("ended") or "finished")

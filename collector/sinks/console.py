@@ -1,4 +1,5 @@
-"""Health events as console lines on the collector: one per rule raised or cleared.
+"""Health events as console lines on the collector: one per rule raised or cleared, and one
+per stop decided.
 
 Run ids and event messages (which quote config values and host names) come from the
 senders: ``printable`` keeps each event one line of visible text.
@@ -8,7 +9,14 @@ from __future__ import annotations
 
 import logging
 
-from collector.records import CLEARED, EpochRecord, EventRecord, Record, SummaryRecord
+from collector.records import (
+    CLEARED,
+    EpochRecord,
+    EventRecord,
+    Record,
+    StopRecord,
+    SummaryRecord,
+)
 from collector.text import printable
 
 __all__ = ["EventLogSink"]
@@ -25,6 +33,10 @@ class EventLogSink:
                 remedy = f" -> {ev.remedy}" if ev.remedy else ""
                 _log.log(level, "[%s] %s %s: %s%s", printable(record.run), where,
                          printable(ev.rule), printable(ev.message), printable(remedy))
+        elif isinstance(record, StopRecord):
+            _log.warning("[%s] epoch %d: stop at step %d (%s); the ranks had reported up to "
+                         "step %d, %.3g steps/s", printable(record.run), record.epoch,
+                         record.step, printable(record.rule), record.seen, record.steps_per_s)
         elif isinstance(record, SummaryRecord):
             _log.info("[%s] run %s: %s", printable(record.run), record.ended,
                       ", ".join(f"{k.split('/', 1)[1]}={v}"

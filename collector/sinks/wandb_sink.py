@@ -13,8 +13,9 @@ Each epoch record is one ``log`` call at ``step = epoch`` with ``epoch`` also de
 every metric's step metric, so both wandb's default axis and the epoch axis are the epoch.
 An amendment of an epoch already logged goes one step after, at its ``epoch``: charts on
 the epoch axis show it where it belongs. The flags are the record's own (the collector's
-state at that epoch); the sink infers nothing. ``wandb`` is imported on the sink's thread
-at its first run, never at collector import.
+state at that epoch); the sink infers nothing. A stop decision (``StopRecord``) writes the
+summary's ``trainwatch/stopped_by`` (the finding) and ``trainwatch/stop_step``. ``wandb``
+is imported on the sink's thread at its first run, never at collector import.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from collector.records import (
     EventRecord,
     Record,
     RunRecord,
+    StopRecord,
     SummaryRecord,
 )
 from collector.text import printable
@@ -375,12 +377,18 @@ class WandbSink:
         self._add_events(state, record.epoch, record.events)
         self._alert(run_id, state, record.epoch, record.events)
 
+    def _on_stop(self, run_id: str, state: _Run, record: StopRecord) -> None:
+        # A sweep's agent reads the summary: this run was stopped, and by what.
+        state.run.summary.update({"trainwatch/stopped_by": record.rule,
+                                  "trainwatch/stop_step": record.step})
+
     def _on_summary(self, run_id: str, state: _Run, record: SummaryRecord) -> None:
         state.run.summary.update({**record.metrics, "trainwatch/ended": record.ended})
         self._finish(state, exit_code=0)
 
     _HANDLERS = {RunRecord: _on_run, ConfigRecord: _on_config, DataStatsRecord: _on_data_stats,
-                 EpochRecord: _on_epoch, EventRecord: _on_event, SummaryRecord: _on_summary}
+                 EpochRecord: _on_epoch, EventRecord: _on_event, SummaryRecord: _on_summary,
+                 StopRecord: _on_stop}
 
     # --- events, alerts, finishing -------------------------------------------------------
     def _add_events(self, state: _Run, epoch: int | None, events: tuple[Event, ...]) -> None:

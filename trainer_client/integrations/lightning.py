@@ -20,7 +20,9 @@ What it sends, and from which hook:
 
 Nothing reads a tensor's value on the training thread. The run id is one per fit and the
 same on every rank without the ranks talking (see ``_common.job_key``); rank and world
-size come from the trainer.
+size come from the trainer. When the collector decides to stop the run (``trainwatch
+collect --stop-on ...``), ``trainer.should_stop`` is set at the stop step on every rank
+(the client's ``should_stop``: no collective), and the fit ends after that batch.
 """
 
 from __future__ import annotations
@@ -243,6 +245,8 @@ class TrainwatchCallback(pl.Callback):
         loss, terms = self._buf.take(scale / n if n else 1.0)
         if loss is not None:
             self.client.log_step(loss, terms, grad_norms=norms, lr=lr)
+        if self.client.should_stop and not trainer.should_stop:
+            trainer.should_stop = True  # every rank at the same step: the collector's stop
 
     # -- every epoch -------------------------------------------------------------------
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -21,7 +21,9 @@ calls on that instance: ``training_step``, whose return value is the micro-batch
 detached loss tensor (scaled for gradient accumulation, so the step's micro-batch sum
 is the step's loss, the value HF logs), and ``accelerator.clip_grad_norm_``, whose
 return value is the norm before clipping. Both are kept as tensors, never read; the
-wrappers come off at ``on_train_end``. ``should_training_stop`` is left to the user.
+wrappers come off at ``on_train_end``. When the collector decides to stop the run
+(``trainwatch collect --stop-on ...``), ``control.should_training_stop`` is set at the stop
+step on every process (the client's ``should_stop``: no collective).
 """
 
 from __future__ import annotations
@@ -189,6 +191,8 @@ class TrainwatchCallback(TrainerCallback):
         grad_norm = self._clip[0] if self._clip is not None else None
         if loss is not None:
             self.client.log_step(loss, grad_norm=grad_norm, lr=self._lr, grad_norms=self._norms)
+        if self.client.should_stop:
+            control.should_training_stop = True
         self._reset_step()
 
     # -- every epoch -------------------------------------------------------------------
