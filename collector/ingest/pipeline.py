@@ -269,6 +269,7 @@ class Pipeline:
             if isinstance(f, EpochClosed):
                 v = self.health[f.run].on_epoch(f.inp)
                 self._emit(self._epoch_record(f.run, v, f.ranks, f.missing))
+                self._emit_all(v.extra)
             elif isinstance(f, RunOpened):
                 self.health[f.run] = RunHealth(f.run, self.profile)
                 self._emit(RunRecord(f.run, f.world_size, f.env))
@@ -289,7 +290,9 @@ class Pipeline:
             elif isinstance(f, LateValidation):
                 for v in self.health[f.run].on_late_validation(f.epoch, f.validation):
                     self._emit(self._epoch_record(f.run, v, amends=True))
+                    self._emit_all(v.extra)
             elif isinstance(f, RunFinished):
+                self._emit_all(self.health[f.run].finish())  # before the summary ends it
                 metrics = self.health[f.run].summary(f.counts)
                 self._emit(SummaryRecord(f.run, f.last_closed, metrics, f.ended))
             elif isinstance(f, Note):
@@ -308,6 +311,11 @@ class Pipeline:
     def _emit(self, record: Record) -> None:
         self.records_out += 1
         self.sink.write(record)
+
+    def _emit_all(self, records: Iterable[Record]) -> None:
+        """What the views draw besides the epoch rows (step curves, pictures)."""
+        for record in records:
+            self._emit(record)
 
     # -- rejects and recording -----------------------------------------------------
     def _internal_error(self, n: int, kind: int, run: str) -> None:

@@ -9,12 +9,16 @@ the wandb calls, so a slow, stalled or failing wandb never slows ingest::
     sink.close(timeout_s=10.0)                               # finishes open runs, returns
     print(sink.stats)                                        # {"written": .., "dropped": ..}
 
-Each epoch record is one ``log`` call at ``step = epoch`` with ``epoch`` also defined as
-every metric's step metric, so both wandb's default axis and the epoch axis are the epoch.
-An amendment of an epoch already logged goes one step after, at its ``epoch``: charts on
-the epoch axis show it where it belongs. The flags are the record's own (the collector's
-state at that epoch); the sink infers nothing. ``wandb`` is imported on the sink's thread
-at its first run, never at collector import.
+Each epoch record is one ``log`` call with ``epoch`` defined as every metric's step
+metric, at ``step = epoch`` while no other row took that step. wandb has one step counter,
+so each point of the per-step curve (a ``StepCurveRecord``: ``steps/*`` against its own
+axis, ``trainer_step``) and each picture of samples (``pictures/<kind>``, a
+``wandb.Plotly`` figure at its ``epoch``) takes a row of its own, and an epoch row after
+them goes at the next free step: every chart reads its own axis (``epoch`` or
+``trainer_step``), never wandb's counter. An amendment of an epoch already logged goes one
+step after, at its ``epoch``: charts on the epoch axis show it where it belongs. The flags
+are the record's own (the collector's state at that epoch); the sink infers nothing.
+``wandb`` is imported on the sink's thread at its first run, never at collector import.
 """
 
 from __future__ import annotations
@@ -43,11 +47,14 @@ from collector.records import (
     EventRecord,
     Record,
     RunRecord,
+    SamplesPictureRecord,
+    StepCurveRecord,
+    StepPoint,
     SummaryRecord,
 )
 from collector.text import printable
 
-__all__ = ["EVENT_COLUMNS", "WandbSink", "resolve_mode", "wandb_run_id"]
+__all__ = ["EVENT_COLUMNS", "STEP_AXIS", "WandbSink", "resolve_mode", "wandb_run_id"]
 
 _log = logging.getLogger("trainwatch.wandb")
 
@@ -69,6 +76,7 @@ _BASE_SETTINGS: dict[str, Any] = {
     "x_save_requirements": False, "reinit": "create_new",
 }
 _STOP = object()
+STEP_AXIS = "trainer_step"  # the per-step curve's x axis; its metrics are steps/*
 
 
 def wandb_run_id(run: str) -> str:
@@ -120,6 +128,7 @@ class _AlertGate:
 class _Run:
     run: Any  # a wandb Run, or None when wandb.init failed
     axes_defined: bool = False
+    step_axes_defined: bool = False
     last_step: int = -1
     data_stats: dict[str, Any] = field(default_factory=dict)  # waits for the first row
     event_rows: list[list[Any]] = field(default_factory=list)
@@ -348,6 +357,7 @@ class WandbSink:
     def _on_epoch(self, run_id: str, state: _Run, record: EpochRecord) -> None:
         run, epoch = state.run, record.epoch
         if not state.axes_defined:
+            self._step_axes(state)  # first: wandb gives a metric the first glob it matches
             # Defined at the first epoch, so that nothing logged earlier gets an epoch.
             run.define_metric("epoch")
             run.define_metric("*", step_metric="epoch")
@@ -379,8 +389,38 @@ class WandbSink:
         state.run.summary.update({**record.metrics, "trainwatch/ended": record.ended})
         self._finish(state, exit_code=0)
 
+    def _step_axes(self, state: _Run) -> None:
+        if not state.step_axes_defined:
+            state.run.define_metric(STEP_AXIS)
+            state.run.define_metric("steps/*", step_metric=STEP_AXIS)
+            state.step_axes_defined = True
+
+    def _on_steps(self, run_id: str, state: _Run, record: StepCurveRecord) -> None:
+        """One row per point, ``trainer_step`` its x: wandb has one step counter, so each
+        row takes the next one (the epoch rows after them keep their own ``epoch`` axis)."""
+        self._step_axes(state)
+        for p in record.points:
+            row: dict[str, Any] = {STEP_AXIS: p.step}
+            row.update({f"steps/{k}": v for k, v in zip(StepPoint._fields[1:], p[1:],
+                                                         strict=True) if v is not None})
+            state.last_step += 1
+            state.run.log(row, step=state.last_step, commit=True)
+
+    def _on_pictures(self, run_id: str, state: _Run, record: SamplesPictureRecord) -> None:
+        """The picture as a plotly figure (built here, on the sink's thread), in a row of
+        its own at the record's ``epoch``."""
+        import wandb
+
+        from collector.report.pictures import picture_figure
+
+        fig = picture_figure(record.kind, record.picture, record.epoch)
+        state.last_step += 1
+        state.run.log({"epoch": record.epoch, f"pictures/{record.kind}": wandb.Plotly(fig)},
+                      step=state.last_step, commit=True)
+
     _HANDLERS = {RunRecord: _on_run, ConfigRecord: _on_config, DataStatsRecord: _on_data_stats,
-                 EpochRecord: _on_epoch, EventRecord: _on_event, SummaryRecord: _on_summary}
+                 EpochRecord: _on_epoch, EventRecord: _on_event, SummaryRecord: _on_summary,
+                 StepCurveRecord: _on_steps, SamplesPictureRecord: _on_pictures}
 
     # --- events, alerts, finishing -------------------------------------------------------
     def _add_events(self, state: _Run, epoch: int | None, events: tuple[Event, ...]) -> None:
