@@ -7,7 +7,11 @@ The kind follows the samples (channels last, as they arrive):
   generated samples and a few training windows as curves over the window (at most
   ``MAX_CURVE_POINTS`` positions, evenly decimated), and per side the mean and the
   ``BAND`` quantiles at each position over at most ``MAX_BAND_ROWS`` samples or windows;
-  in physical units where ``log_data_stats`` gave constants (x * std + mean).
+  in physical units where ``log_data_stats`` gave constants (x * std + mean). With the
+  GRF channel, the same over gait cycles (``cycles``: each window's first heel strike to
+  the next, 0-100 %, ``collector.analysis.gaitcycles``), the contact threshold taken from
+  the training windows' force, generated cycles kept within ``CYCLE_SPAN`` of the
+  training cycles' median length.
 - "images": ``(N, H, W, C)``. A few generated and training images, block-averaged down to
   at most ``MAX_IMAGE_SIDE`` pixels a side, scaled to 0-255 by one range (the training
   images' min and max, else the generated ones'); RGB from the first three channels, else
@@ -33,6 +37,13 @@ from typing import Any
 
 import numpy as np
 
+from collector.analysis.gaitcycles import (
+    CYCLE_POINTS,
+    CYCLE_SPAN,
+    MIN_PHASE,
+    contact_threshold,
+    cut_cycles,
+)
 from collector.analysis.inputs import DataConstants, ValidationInput
 from collector.analysis.profile import Profile
 from collector.analysis.samples import TrainingSubsample, physical_units
@@ -104,29 +115,50 @@ def sample_picture(v: ValidationInput, data: TrainingSubsample | None,
         data.channels == shape[-1] else None
     gait = [c for c in (profile.knee_channel, profile.grf_channel) if c and c in names]
     if len(shape) == 2 and gait and shape[0] >= 2:
-        return "gait", _gait(arrays, v.dtype, names, gait, keep, consts)
+        return "gait", _gait(arrays, v.dtype, names, gait, profile.grf_channel, keep, consts)
     if len(shape) == 3:
         return "images", _images(arrays, v.dtype, keep)
     return "histograms", _histograms(arrays, v.dtype, names, keep)
 
 
 # -- gait: curves over the window, a mean and a band ------------------------------------------
-def _side(band: np.ndarray, count: int, rows: list[int], names: list[str]) -> Picture:
-    """Curves and band of one side; ``band`` is physical ``[band rows, positions, channels]``."""
-    curves = band[even_rows(band.shape[0], MAX_CURVES)]
+def _stats(x: np.ndarray, names: list[str]) -> Picture:
+    """Per channel the mean and the BAND quantiles over the rows of ``x`` [rows, at, ch]."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # a position with no finite value
-        mean = np.nanmean(band, axis=0)
-        low, high = np.nanquantile(band, BAND, axis=0)
-    return {"count": count, "band_count": int(band.shape[0]), "rows": rows,
-            "curves": {n: _plain(curves[:, :, i]) for i, n in enumerate(names)},
-            "mean": {n: _plain(mean[:, i]) for i, n in enumerate(names)},
+        mean = np.nanmean(x, axis=0)
+        low, high = np.nanquantile(x, BAND, axis=0)
+    return {"mean": {n: _plain(mean[:, i]) for i, n in enumerate(names)},
             "low": {n: _plain(low[:, i]) for i, n in enumerate(names)},
             "high": {n: _plain(high[:, i]) for i, n in enumerate(names)}}
 
 
+def _side(band: np.ndarray, count: int, index: np.ndarray, names: list[str]) -> Picture:
+    """Curves and band of one side; ``band`` is physical ``[band rows, positions, channels]``
+    and ``index`` numbers its rows as the side does (sample or window)."""
+    shown = even_rows(band.shape[0], MAX_CURVES)
+    return {"count": count, "band_count": int(band.shape[0]), "rows": index[shown].tolist(),
+            "curves": {n: _plain(band[shown][:, :, i]) for i, n in enumerate(names)},
+            **_stats(band, names), "cycles": None}
+
+
+def _cycles(band: np.ndarray, index: np.ndarray, grf: int, threshold: float,
+            span: tuple[float, float], names: list[str]) -> Picture:
+    """The side's complete gait cycles (``collector.analysis.gaitcycles``): a few as curves,
+    the mean and band over all of them."""
+    cycles, rows, lengths = cut_cycles(band, grf, threshold, span)
+    out: Picture = {"count": int(rows.size), "windows": int(band.shape[0])}
+    if rows.size:
+        shown = even_rows(rows.size, MAX_CURVES)
+        out.update(median_length=float(np.median(lengths)), rows=index[rows[shown]].tolist(),
+                   curves={n: _plain(cycles[shown][:, :, i]) for i, n in enumerate(names)},
+                   **_stats(cycles, names))
+    return out
+
+
 def _gait(arrays: list[np.ndarray], dtype: str, names: list[str], shown: list[str],
-          keep: TrainingSubsample | None, consts: DataConstants | None) -> Picture:
+          grf_channel: str, keep: TrainingSubsample | None,
+          consts: DataConstants | None) -> Picture:
     t = arrays[0].shape[1]
     cols = [names.index(c) for c in shown]
     scale, offset = physical_units(consts, shown)
@@ -135,17 +167,30 @@ def _gait(arrays: list[np.ndarray], dtype: str, names: list[str], shown: list[st
     band = even_rows(n, MAX_BAND_ROWS)
     cut = np.ix_(at, cols)
     gen = widen(_take(arrays, band, cut), dtype) * scale + offset
-    curve_rows = band[even_rows(band.size, MAX_CURVES)].tolist()
     out: Picture = {"window_len": t, "x": at.tolist(), "band": list(BAND), "channels": shown,
                     "physical": [bool(consts is not None and c in consts.channel_names
                                       and consts.std is not None) for c in shown],
-                    "generated": _side(gen, n, curve_rows, shown), "training": None}
+                    "generated": _side(gen, n, band, shown), "training": None}
     windows = keep.windows(t) if keep is not None else []
+    real = None
     if windows:
         rows = even_rows(len(windows), MAX_BAND_ROWS)
-        real = widen(np.stack([windows[i][cut] for i in rows]), keep.dtype)
-        out["training"] = _side(real * scale + offset, len(windows),
-                                rows[even_rows(rows.size, MAX_CURVES)].tolist(), shown)
+        real = widen(np.stack([windows[i][cut] for i in rows]), keep.dtype) * scale + offset
+        out["training"] = _side(real, len(windows), rows, shown)
+    if grf_channel not in shown:
+        return out
+    grf = shown.index(grf_channel)
+    threshold = contact_threshold((real if real is not None else gen)[:, :, grf])
+    if threshold is None:
+        return out
+    span = (2.0 * MIN_PHASE, float(at.size))
+    out["cycle_x"] = np.linspace(0.0, 100.0, CYCLE_POINTS).tolist()
+    out["contact_threshold"] = float(f"{threshold:.{_DIGITS}g}")
+    if real is not None:
+        out["training"]["cycles"] = c = _cycles(real, rows, grf, threshold, span, shown)
+        if c["count"]:
+            span = (CYCLE_SPAN[0] * c["median_length"], CYCLE_SPAN[1] * c["median_length"])
+    out["generated"]["cycles"] = _cycles(gen, band, grf, threshold, span, shown)
     return out
 
 

@@ -42,52 +42,75 @@ def _count(side: Picture | None) -> str:
 
 
 # -- gait ------------------------------------------------------------------------------------
-def _gait_side(fig: go.Figure, side: Picture, x: list[int], channels: list[str], col: int,
-               color: str, what: str) -> None:
-    lo, hi = side["band"] if "band" in side else (0.1, 0.9)
+def _view(p: Picture, side: Picture | None) -> tuple[Picture | None, bool]:
+    """What a side draws: its gait cycles when it has some, else its windows."""
+    if side is None:
+        return None, False
+    cycles = side.get("cycles")
+    if "cycle_x" in p and cycles and cycles.get("count"):
+        return {**cycles, "band_count": cycles["count"]}, True
+    return side, False
+
+
+def _gait_side(fig: go.Figure, view: Picture, x: list, channels: list[str], col: int,
+               color: str, what: str, band: tuple[float, float]) -> None:
+    unit = "cycle" if view.get("windows") is not None else "sample"
     for row, ch in enumerate(channels, start=1):
         first = row == 1
-        fig.add_trace(go.Scatter(x=x, y=side["high"][ch], mode="lines", line={"width": 0},
+        fig.add_trace(go.Scatter(x=x, y=view["high"][ch], mode="lines", line={"width": 0},
                                  hoverinfo="skip", showlegend=False, legendgroup=f"{what}b"),
                       row=row, col=col)
-        fig.add_trace(go.Scatter(x=x, y=side["low"][ch], mode="lines", line={"width": 0},
+        fig.add_trace(go.Scatter(x=x, y=view["low"][ch], mode="lines", line={"width": 0},
                                  fill="tonexty", fillcolor=BANDS[color],
-                                 name=f"{what}: {lo:.0%}–{hi:.0%} band", legendgroup=f"{what}b",
-                                 showlegend=first, hoverinfo="skip"), row=row, col=col)
-        for i, curve in enumerate(side["curves"][ch]):
+                                 name=f"{what}: {band[0]:.0%}–{band[1]:.0%} band",
+                                 legendgroup=f"{what}b", showlegend=first, hoverinfo="skip"),
+                      row=row, col=col)
+        for i, curve in enumerate(view["curves"][ch]):
             fig.add_trace(go.Scatter(x=x, y=curve, mode="lines",
                                      line={"color": color, "width": 1}, opacity=0.55,
-                                     name=f"{what}: {len(side['curves'][ch])} of "
-                                          f"{side['count']}", legendgroup=f"{what}c",
-                                     showlegend=first and i == 0,
-                                     hovertemplate=f"{what} {side['rows'][i]}: %{{y}}"
-                                                   "<extra></extra>"), row=row, col=col)
-        fig.add_trace(go.Scatter(x=x, y=side["mean"][ch], mode="lines",
+                                     name=f"{what}: {len(view['curves'][ch])} {unit}s",
+                                     legendgroup=f"{what}c", showlegend=first and i == 0,
+                                     hovertemplate=f"{what} {unit} {view['rows'][i]}: "
+                                                   "%{y}<extra></extra>"), row=row, col=col)
+        fig.add_trace(go.Scatter(x=x, y=view["mean"][ch], mode="lines",
                                  line={"color": color, "width": 3},
-                                 name=f"{what}: mean of {side['band_count']}",
+                                 name=f"{what}: mean of {view['band_count']}",
                                  legendgroup=f"{what}m", showlegend=first,
                                  hovertemplate=f"{what} mean: %{{y}}<extra></extra>"),
                       row=row, col=col)
 
 
+def _gait_title(ch: str, what: str, side: Picture | None, cycles: bool, cut: bool) -> str:
+    if side is None:
+        return f"{ch}: no {what} windows kept"
+    n = side["count"]
+    items = "samples" if what == "generated" else "windows"
+    if cycles:
+        return f"{ch}: {what}, {side['cycles']['count']} gait cycles in {n} {items}"
+    return f"{ch}: {what} ({n} {items}" + ("; no complete gait cycle)" if cut else ")")
+
+
 def _gait(p: Picture, title: str) -> go.Figure:
     channels = p["channels"]
     gen, real = p["generated"], p.get("training")
+    (gview, gcyc), (rview, rcyc) = _view(p, gen), _view(p, real)
+    cut = "cycle_x" in p
     titles = []
     for ch, phys in zip(channels, p.get("physical", [False] * len(channels)), strict=False):
-        unit = "" if phys else " (normalised)"
-        titles += [f"{text(ch)}{unit}: generated ({_count(gen)} samples)",
-                   f"{text(ch)}{unit}: training windows ({_count(real)})"
-                   if real else f"{text(ch)}: no training windows kept"]
+        name = text(ch) + ("" if phys else " (normalised)")
+        titles += [_gait_title(name, "generated", gen, gcyc, cut),
+                   _gait_title(name, "training", real, rcyc, cut)]
     fig = make_subplots(rows=len(channels), cols=2, shared_yaxes="rows", shared_xaxes=True,
                         horizontal_spacing=0.04, vertical_spacing=0.12, subplot_titles=titles)
-    band = {"band": p.get("band", [0.1, 0.9])}
-    _gait_side(fig, {**gen, **band}, p["x"], channels, 1, GENERATED, "generated")
-    if real:
-        _gait_side(fig, {**real, **band}, p["x"], channels, 2, TRAINING, "training")
-    for row in range(1, len(channels) + 1):
-        fig.update_xaxes(title_text="sample in window" if row == len(channels) else None,
-                         row=row)
+    band = tuple(p.get("band", (0.1, 0.9)))
+    for col, view, is_cycle, color, what in ((1, gview, gcyc, GENERATED, "generated"),
+                                             (2, rview, rcyc, TRAINING, "training")):
+        if view is None:
+            continue
+        x = p["cycle_x"] if is_cycle else p["x"]
+        _gait_side(fig, view, x, channels, col, color, what, band)
+        fig.update_xaxes(title_text="% of gait cycle (heel strike to heel strike)"
+                         if is_cycle else "sample in window", row=len(channels), col=col)
     fig.update_layout(title={"text": text(title), "font": {"size": 14}},
                       height=90 + ROW_PX * len(channels) + 90)
     return fig

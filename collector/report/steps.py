@@ -99,7 +99,7 @@ def _band(fig: go.Figure, row: int, x: list, mean: np.ndarray, lo: np.ndarray,
                   row=row, col=1)
     lo_f, hi_f = lo[np.isfinite(lo)], hi[np.isfinite(hi)]
     if lo_f.size and hi_f.size and lo_f.min() > 0 and hi_f.max() >= 10 * lo_f.min():
-        fig.update_yaxes(type="log", row=row, col=1)  # a spike orders of magnitude up
+        fig.update_yaxes(type="log", dtick="D2", row=row, col=1)  # a spike far above
     return True
 
 

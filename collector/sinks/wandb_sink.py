@@ -54,7 +54,8 @@ from collector.records import (
 )
 from collector.text import printable
 
-__all__ = ["EVENT_COLUMNS", "STEP_AXIS", "WandbSink", "resolve_mode", "wandb_run_id"]
+__all__ = ["EVENT_COLUMNS", "STEP_AXIS", "STEP_METRICS", "WandbSink", "resolve_mode",
+           "wandb_run_id"]
 
 _log = logging.getLogger("trainwatch.wandb")
 
@@ -76,7 +77,8 @@ _BASE_SETTINGS: dict[str, Any] = {
     "x_save_requirements": False, "reinit": "create_new",
 }
 _STOP = object()
-STEP_AXIS = "trainer_step"  # the per-step curve's x axis; its metrics are steps/*
+STEP_AXIS = "trainer_step"  # the per-step curve's x axis
+STEP_METRICS = tuple(f"steps/{name}" for name in StepPoint._fields[1:])  # against it
 
 
 def wandb_run_id(run: str) -> str:
@@ -357,7 +359,6 @@ class WandbSink:
     def _on_epoch(self, run_id: str, state: _Run, record: EpochRecord) -> None:
         run, epoch = state.run, record.epoch
         if not state.axes_defined:
-            self._step_axes(state)  # first: wandb gives a metric the first glob it matches
             # Defined at the first epoch, so that nothing logged earlier gets an epoch.
             run.define_metric("epoch")
             run.define_metric("*", step_metric="epoch")
@@ -390,9 +391,12 @@ class WandbSink:
         self._finish(state, exit_code=0)
 
     def _step_axes(self, state: _Run) -> None:
+        """Each steps/<name> by its exact name: a glob ("steps/*") would overlap the epoch
+        rows' "*", and wandb-core resolves a name two globs match either way, run to run."""
         if not state.step_axes_defined:
             state.run.define_metric(STEP_AXIS)
-            state.run.define_metric("steps/*", step_metric=STEP_AXIS)
+            for name in STEP_METRICS:
+                state.run.define_metric(name, step_metric=STEP_AXIS)
             state.step_axes_defined = True
 
     def _on_steps(self, run_id: str, state: _Run, record: StepCurveRecord) -> None:
@@ -401,8 +405,8 @@ class WandbSink:
         self._step_axes(state)
         for p in record.points:
             row: dict[str, Any] = {STEP_AXIS: p.step}
-            row.update({f"steps/{k}": v for k, v in zip(StepPoint._fields[1:], p[1:],
-                                                         strict=True) if v is not None})
+            row.update({k: v for k, v in zip(STEP_METRICS, p[1:], strict=True)
+                        if v is not None})
             state.last_step += 1
             state.run.log(row, step=state.last_step, commit=True)
 
