@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import CollectorProc, env
+from support.gait_cycles import cycles
 from support.wandb_readback import find_offline_runs, read_offline_run
 from test_report_browser import ARTIFACTS, FLAGS
 
@@ -60,27 +61,6 @@ def _view(side: dict) -> dict:
     return side["cycles"] if side["cycles"] and side["cycles"]["count"] else side
 
 
-def _heel_strikes(grf: np.ndarray, threshold: float) -> list[int]:
-    """Samples at or above the threshold after 3 below it, followed by 3 at or above it."""
-    return [i for i in range(3, grf.size - 2)
-            if (grf[i - 3:i] < threshold).all() and (grf[i:i + 3] >= threshold).all()]
-
-
-def _cycles(x: np.ndarray, grf: int, threshold: float, lo: float, hi: float):
-    """Each window's first two heel strikes, if lo <= apart <= hi: the cycle between them
-    at 51 points, and its window and length."""
-    out, rows, lengths = [], [], []
-    for i, w in enumerate(x):
-        hs = _heel_strikes(w[:, grf], threshold)
-        if len(hs) >= 2 and lo <= hs[1] - hs[0] <= hi:
-            t = np.linspace(hs[0], hs[1], 51)
-            out.append(np.stack([np.interp(t, np.arange(w.shape[0]), w[:, c])
-                                 for c in range(w.shape[1])], axis=1))
-            rows.append(i)
-            lengths.append(hs[1] - hs[0])
-    return np.array(out), rows, lengths
-
-
 def _close(got: list, want: np.ndarray) -> None:
     """Lists of 6-digit floats against numpy, position by position (6 digits: 5e-6)."""
     np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=5.1e-6, atol=1e-12)
@@ -96,7 +76,7 @@ def test_pictures_at_each_validation_epoch_equal_numpy_on_the_samples(job):
     physical = {"training": windows[..., cols] * r.std[cols] + r.mean[cols]}
     # contact: 20 % of the training force's 95th percentile
     threshold = 0.2 * np.quantile(physical["training"][..., 1], 0.95)
-    real_cycles, _, real_lengths = _cycles(physical["training"], 1, threshold, 6, 64)
+    real_cycles, _, real_lengths = cycles(physical["training"], 1, threshold, 6, 64)
     median = np.median(real_lengths)
     assert len(real_cycles) > 40 and 45 <= median <= 63  # strides of 0.95-1.25 s at 50 Hz
     for epoch, rec in pics.items():
@@ -111,7 +91,7 @@ def test_pictures_at_each_validation_epoch_equal_numpy_on_the_samples(job):
             assert got["count"] == got["band_count"] == x.shape[0]
             shown = even_rows(x.shape[0], MAX_CURVES)
             assert got["rows"] == shown.tolist()
-            cycles, rows, _ = _cycles(x, 1, threshold, *span)
+            cut, rows, _ = cycles(x, 1, threshold, *span)
             assert got["cycles"]["count"] == len(rows) and got["cycles"]["windows"] == len(x)
             for j, ch in enumerate(CHANNELS):
                 _close(got["curves"][ch], x[shown][..., j])
@@ -119,7 +99,7 @@ def test_pictures_at_each_validation_epoch_equal_numpy_on_the_samples(job):
                 _close(got["low"][ch], np.quantile(x[..., j], BAND[0], axis=0))
                 _close(got["high"][ch], np.quantile(x[..., j], BAND[1], axis=0))
                 if rows:
-                    c = cycles[..., j]
+                    c = cut[..., j]
                     _close(got["cycles"]["curves"][ch], c[even_rows(len(rows), MAX_CURVES)])
                     _close(got["cycles"]["mean"][ch], c.mean(axis=0))
                     _close(got["cycles"]["low"][ch], np.quantile(c, BAND[0], axis=0))
