@@ -282,10 +282,11 @@ class StepCurveRecord:
 class SamplesPictureRecord:
     """What the generated samples of a validation epoch look like beside the training data.
 
-    ``kind`` is "gait" (curves over the window with a mean and a band), "images" (a grid)
-    or "histograms" (per channel); ``picture`` holds plain lists only, bounded in size
-    (``collector.analysis.pictures``). ``amends``: built from late samples of an epoch
-    already pictured; it replaces that picture.
+    ``kind`` is "gait" (curves over the window and over gait
+    cycles, with a mean and a band), "images" (a grid) or "histograms" (per channel);
+    ``picture`` holds plain lists only, bounded in size (``collector.analysis.pictures``).
+    ``amends``: built from late samples of an epoch already pictured; it replaces that
+    picture.
     """
 
     run: str

@@ -132,6 +132,7 @@ def test_wandb_has_the_step_rows_and_a_figure_per_picture(job):
     assert w["metrics"]["steps/grad_norm_max"]["step_metric"] == STEP_AXIS
     figs = [row for row in w["history"] if "pictures/gait" in row]
     assert [row["epoch"] for row in figs] == [4, 8, 12]
+    assert all("ranks/reporting" in row for row in figs)  # in the row of their epoch
     for row in figs:
         entry = row["pictures/gait"]
         assert entry["_type"] == "plotly-file"

@@ -212,8 +212,8 @@ def test_each_validation_epoch_is_pictured_late_samples_at_their_own_epoch():
     for e in first:  # the same samples: the same picture, whichever order they came in
         assert first[e]["picture"] == late[e]["picture"]
     amended = [i for i, r in enumerate(recs) if r["type"] == "epoch" and r.get("amends")]
-    for i in amended:  # right after the amending epoch record, at its epoch
-        assert recs[i + 1]["type"] == "pictures" and recs[i + 1]["epoch"] == recs[i]["epoch"]
+    for i in amended:  # right before the amending epoch record, at its epoch
+        assert recs[i - 1]["type"] == "pictures" and recs[i - 1]["epoch"] == recs[i]["epoch"]
 
 
 def _figure(page: str, div_id: str) -> dict:
@@ -260,6 +260,7 @@ def test_wandb_gets_a_plotly_figure_per_picture(tmp_path, monkeypatch):
     run = read_offline_run(run_dir)
     rows = [row for row in run["history"] if "pictures/images" in row]
     assert [row["epoch"] for row in rows] == [2, 4]
+    assert all("ranks/reporting" in row for row in rows)  # in the row of their epoch
     pics = [r for r in recs if isinstance(r, SamplesPictureRecord)]
     for row, rec in zip(rows, pics, strict=True):
         assert row["pictures/images"]["_type"] == "plotly-file"

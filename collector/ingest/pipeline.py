@@ -268,8 +268,8 @@ class Pipeline:
         for f in facts:
             if isinstance(f, EpochClosed):
                 v = self.health[f.run].on_epoch(f.inp)
-                self._emit(self._epoch_record(f.run, v, f.ranks, f.missing))
                 self._emit_all(v.extra)
+                self._emit(self._epoch_record(f.run, v, f.ranks, f.missing))
             elif isinstance(f, RunOpened):
                 self.health[f.run] = RunHealth(f.run, self.profile)
                 self._emit(RunRecord(f.run, f.world_size, f.env))
@@ -289,8 +289,8 @@ class Pipeline:
                     self._emit(DataStatsRecord(f.run, health.data_metrics(f.channels)))
             elif isinstance(f, LateValidation):
                 for v in self.health[f.run].on_late_validation(f.epoch, f.validation):
-                    self._emit(self._epoch_record(f.run, v, amends=True))
                     self._emit_all(v.extra)
+                    self._emit(self._epoch_record(f.run, v, amends=True))
             elif isinstance(f, RunFinished):
                 self._emit_all(self.health[f.run].finish())  # before the summary ends it
                 metrics = self.health[f.run].summary(f.counts)
@@ -313,7 +313,8 @@ class Pipeline:
         self.sink.write(record)
 
     def _emit_all(self, records: Iterable[Record]) -> None:
-        """What the views draw besides the epoch rows (step curves, pictures)."""
+        """What the views draw besides the epoch rows (step curves, pictures), sent before
+        the epoch's record, so a sink can show them in that epoch's row."""
         for record in records:
             self._emit(record)
 

@@ -58,8 +58,8 @@ def _gait_side(fig: go.Figure, view: Picture, x: list, channels: list[str], col:
     for row, ch in enumerate(channels, start=1):
         first = row == 1
         fig.add_trace(go.Scatter(x=x, y=view["high"][ch], mode="lines", line={"width": 0},
-                                 hoverinfo="skip", showlegend=False, legendgroup=f"{what}b"),
-                      row=row, col=col)
+                                 name=f"{what}: band top", hoverinfo="skip", showlegend=False,
+                                 legendgroup=f"{what}b"), row=row, col=col)
         fig.add_trace(go.Scatter(x=x, y=view["low"][ch], mode="lines", line={"width": 0},
                                  fill="tonexty", fillcolor=BANDS[color],
                                  name=f"{what}: {band[0]:.0%}–{band[1]:.0%} band",
@@ -180,8 +180,9 @@ def _histograms(p: Picture, title: str) -> go.Figure:
                 continue
             fig.add_trace(go.Bar(x=centers, y=[c / (n * width) for c in counts], width=width,
                                  marker={"color": color}, opacity=0.5, name=key,
-                                 legendgroup=key, showlegend=i == 0,
-                                 hovertemplate=f"{key}: %{{y:.3g}}<extra></extra>"),
+                                 legendgroup=key, showlegend=i == 0, customdata=counts,
+                                 hovertemplate=f"{key}: %{{y:.3g}} (%{{customdata}} values)"
+                                               "<extra></extra>"),
                           row=i // cols + 1, col=i % cols + 1)
     fig.update_layout(barmode="overlay", bargap=0, height=110 + 200 * rows,
                       title={"text": text(f"{title} — density of {p['count']} samples' values "

@@ -88,7 +88,8 @@ def _band(fig: go.Figure, row: int, x: list, mean: np.ndarray, lo: np.ndarray,
         return [float(f"{v:.6g}") if math.isfinite(v) else None for v in a.tolist()]
 
     fig.add_trace(go.Scatter(x=x, y=plain(hi), mode="lines", line={"width": 0},
-                             hoverinfo="skip", showlegend=False), row=row, col=1)
+                             name=f"{name}: max", hoverinfo="skip", showlegend=False),
+                  row=row, col=1)
     fig.add_trace(go.Scatter(x=x, y=plain(lo), mode="lines", line={"width": 0},
                              fill="tonexty", fillcolor=BAND_FILL, name=f"{name}: min–max",
                              hoverinfo="skip"), row=row, col=1)

@@ -10,14 +10,15 @@ the wandb calls, so a slow, stalled or failing wandb never slows ingest::
     print(sink.stats)                                        # {"written": .., "dropped": ..}
 
 Each epoch record is one ``log`` call with ``epoch`` defined as every metric's step
-metric, at ``step = epoch`` while no other row took that step. wandb has one step counter,
-so each point of the per-step curve (a ``StepCurveRecord``: ``steps/*`` against its own
-axis, ``trainer_step``) and each picture of samples (``pictures/<kind>``, a
-``wandb.Plotly`` figure at its ``epoch``) takes a row of its own, and an epoch row after
-them goes at the next free step: every chart reads its own axis (``epoch`` or
-``trainer_step``), never wandb's counter. An amendment of an epoch already logged goes one
-step after, at its ``epoch``: charts on the epoch axis show it where it belongs. The flags
-are the record's own (the collector's state at that epoch); the sink infers nothing.
+metric, at ``step = epoch`` while no other row took that step; its pictures of samples
+(``SamplesPictureRecord``, sent just before it: ``pictures/<kind>``, a ``wandb.Plotly``
+figure) go in that row. wandb has one step counter, so each point of the per-step curve
+(a ``StepCurveRecord``: ``steps/*`` against its own axis, ``trainer_step``) takes a row
+of its own, and an epoch row after them goes at the next free step: every chart reads its
+own axis (``epoch`` or ``trainer_step``), never wandb's counter. An amendment of an epoch
+already logged goes one step after, at its ``epoch``: charts on the epoch axis show it
+where it belongs. The flags are the record's own (the collector's state at that epoch);
+the sink infers nothing.
 ``wandb`` is imported on the sink's thread at its first run, never at collector import.
 """
 
@@ -131,6 +132,7 @@ class _Run:
     run: Any  # a wandb Run, or None when wandb.init failed
     axes_defined: bool = False
     step_axes_defined: bool = False
+    pictures: dict[int, dict[str, Any]] = field(default_factory=dict)  # epoch -> its row's
     last_step: int = -1
     data_stats: dict[str, Any] = field(default_factory=dict)  # waits for the first row
     event_rows: list[list[Any]] = field(default_factory=list)
@@ -365,7 +367,9 @@ class WandbSink:
             for name, agg in SUMMARY_AGGREGATIONS.items():
                 run.define_metric(name, step_metric="epoch", summary=agg)
             state.axes_defined = True
-        row: dict[str, Any] = {**state.data_stats, **record.metrics, "epoch": epoch}
+        self._log_pictures(state, but=epoch)
+        row: dict[str, Any] = {**state.data_stats, **record.metrics,
+                               **state.pictures.pop(epoch, {}), "epoch": epoch}
         state.data_stats = {}
         row["health/n_raised"] = len(record.raised)
         if not record.amends:
@@ -391,8 +395,10 @@ class WandbSink:
         self._finish(state, exit_code=0)
 
     def _step_axes(self, state: _Run) -> None:
-        """Each steps/<name> by its exact name: a glob ("steps/*") would overlap the epoch
-        rows' "*", and wandb-core resolves a name two globs match either way, run to run."""
+        """steps/<name> against trainer_step, each by its exact name: a glob ("steps/*")
+        would overlap the epoch rows' "*", which wandb-core resolves either way, run to
+        run; under "*" a step row would get "epoch" (wandb copies the step metric into a
+        row), which only epoch rows have."""
         if not state.step_axes_defined:
             state.run.define_metric(STEP_AXIS)
             for name in STEP_METRICS:
@@ -411,16 +417,22 @@ class WandbSink:
             state.run.log(row, step=state.last_step, commit=True)
 
     def _on_pictures(self, run_id: str, state: _Run, record: SamplesPictureRecord) -> None:
-        """The picture as a plotly figure (built here, on the sink's thread), in a row of
-        its own at the record's ``epoch``."""
+        """The picture as a plotly figure (built here, on the sink's thread), logged in the
+        row of its epoch's record, which the pipeline sends right after it."""
         import wandb
 
         from collector.report.pictures import picture_figure
 
         fig = picture_figure(record.kind, record.picture, record.epoch)
-        state.last_step += 1
-        state.run.log({"epoch": record.epoch, f"pictures/{record.kind}": wandb.Plotly(fig)},
-                      step=state.last_step, commit=True)
+        state.pictures.setdefault(record.epoch, {})[f"pictures/{record.kind}"] = \
+            wandb.Plotly(fig)
+
+    def _log_pictures(self, state: _Run, but: int | None = None) -> None:
+        """Pictures whose epoch row did not come next, in rows of their own."""
+        for epoch in [e for e in state.pictures if e != but]:
+            state.last_step += 1
+            state.run.log({**state.pictures.pop(epoch), "epoch": epoch},
+                          step=state.last_step, commit=True)
 
     _HANDLERS = {RunRecord: _on_run, ConfigRecord: _on_config, DataStatsRecord: _on_data_stats,
                  EpochRecord: _on_epoch, EventRecord: _on_event, SummaryRecord: _on_summary,
@@ -463,6 +475,7 @@ class WandbSink:
                 self._warn("alert", "wandb alert for run %r failed", run_id, exc=True)
 
     def _finish(self, state: _Run, exit_code: int) -> None:
+        self._log_pictures(state)
         state.data_stats = {}  # already in the summary
         if state.events_unlogged:  # events after the last epoch row
             state.run.summary["health/events"] = self._events_table(state)
