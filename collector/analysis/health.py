@@ -18,6 +18,9 @@ are not the gait ones, chosen once from the channels known when its first epoch 
 (``log_data_stats`` or the samples of that epoch) or when a step first raises a rule. A run
 whose channels arrive only later keeps the default; a user's ``--rules`` is never replaced.
 
+A verdict's ``extra``: the per-step curve's new points and a picture of the epoch's
+samples, for the views; ``finish()``: the curve's last points when the run ends.
+
 Deterministic: the same calls in the same order give identical metrics and events, so a
 replayed recording reproduces the live records byte for byte.
 """

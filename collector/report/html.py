@@ -1,7 +1,9 @@
 """The HTML health report: one self-contained page from the collector's records.
 
-A verdict first, then the sweep table, then per run the seed's four dashboard panels, the
-timeline of what was raised, the diagnoses with their remedies and the per-rank counts.
+A verdict first, then the sweep table, then per run the seed's four dashboard panels, its
+per-step loss and gradient norm, pictures of what it generated beside the training data
+(``views``), the timeline of what was raised, the diagnoses with their remedies and the
+per-rank counts.
 plotly.js is embedded once, so the file opens offline (it is about 5 MB)::
 
     write_report(records, "out/report.html", profile, ranks=pipeline.state.rank_table())

@@ -37,10 +37,6 @@ ROW_PX = 250
 _CONFIG = {"displaylogo": False, "responsive": True, "displayModeBar": "hover"}
 
 
-def _count(side: Picture | None) -> str:
-    return f"{side['count']}" if side else "0"
-
-
 # -- gait ------------------------------------------------------------------------------------
 def _view(p: Picture, side: Picture | None) -> tuple[Picture | None, bool]:
     """What a side draws: its gait cycles when it has some, else its windows."""
