@@ -5,8 +5,9 @@ The example model trains in this process (the loop the README shows); every expe
 figure is computed here with numpy from what the run itself produced (its step losses,
 gradient norms, generated samples, training windows and constants), never read back from
 the monitor. The report is rendered by headless Chromium and the screenshot saved as
-``out/test-artifacts/report-gait-pictures.png``: generated knee and GRF curves beside the
-training windows, a person judges them at a glance.
+``out/test-artifacts/report-gait-pictures.png`` (the per-step curve and the pictures) and
+``report-gait-run.png`` (the whole page): generated knee and GRF curves over the gait
+cycle beside the training data's, which a person judges at a glance.
 """
 
 from __future__ import annotations
@@ -167,9 +168,13 @@ def test_the_report_shows_generated_beside_real_gait_curves(job, tmp_path):
     last = _view(_pictures(job["recs"])[12]["picture"]["training"])
     assert json.dumps(last["mean"][CHANNELS[0]]).replace(" ", "") in html.replace(" ", "")
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    png = ARTIFACTS / "report-gait-pictures.png"
-    png.unlink(missing_ok=True)
-    shutil.copy(page, ARTIFACTS / "report-gait-pictures.html")
+    png, whole = ARTIFACTS / "report-gait-pictures.png", ARTIFACTS / "report-gait-run.png"
+    for old in (png, whole):
+        old.unlink(missing_ok=True)
+    shutil.copy(page, ARTIFACTS / "report-gait-run.html")
+    subprocess.run([browser, *FLAGS, f"--user-data-dir={tmp_path / 'chromium0'}",
+                    "--window-size=1400,4800", f"--screenshot={whole}", page.as_uri()],
+                   capture_output=True, timeout=180, check=True)  # the whole page
     # the run's section from its per-step curve down: the pictures are in view
     focused = tmp_path / "focused.html"
     focused.write_text(html.replace("<body>", "<body><style>.grid,header,.verdict,"
@@ -178,7 +183,8 @@ def test_the_report_shows_generated_beside_real_gait_curves(job, tmp_path):
     subprocess.run([browser, *FLAGS, f"--user-data-dir={tmp_path / 'chromium'}",
                     "--window-size=1400,1800", f"--screenshot={png}", focused.as_uri()],
                    capture_output=True, timeout=180, check=True)
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 50_000
+    for shot in (png, whole):
+        assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 50_000
     dom = subprocess.run([browser, *FLAGS, f"--user-data-dir={tmp_path / 'chromium2'}",
                           "--window-size=1400,1200", "--dump-dom", page.as_uri()],
                          capture_output=True, text=True, timeout=180, check=True).stdout

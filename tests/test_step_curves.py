@@ -149,6 +149,15 @@ def test_a_counter_that_restarts_each_epoch_is_placed_after_the_curve():
     np.testing.assert_array_equal(got.columns["loss"], np.repeat([1.0, 2.0, 3.0], 10))
 
 
+def test_step_numbers_at_the_ends_of_int64_neither_fail_nor_wrap():
+    curve = StepCurve()
+    big = np.array([2**63 - 3, 2**63 - 2], np.int64)
+    for epoch, s in enumerate((big, np.array([-2**63, -2**63 + 1], np.int64), big), start=1):
+        curve.add_epoch(_epoch(epoch, {0: (s, np.ones(2), np.ones(2))}))
+    points = curve.points() + curve.finish()
+    assert sum(p.n for p in curve.points()) == 6 and all(p.width >= 1 for p in points)
+
+
 def test_the_pipeline_emits_the_steps_every_epoch_before_the_summary():
     recs = records([run_messages("job", 6, explode=(4,))])
     kinds = [r["type"] for r in recs]

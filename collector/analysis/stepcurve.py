@@ -38,6 +38,7 @@ from collector.records import StepPoint
 __all__ = ["MAX_BUCKETS", "StepCurve"]
 
 MAX_BUCKETS = 1024  # buckets a run's curve keeps: the points a view draws at most
+_STEP_LIMIT = 2**62
 
 # accumulator columns
 _N, _SUM, _MIN, _MAX, _GN, _GSUM, _GMIN, _GMAX, _BAD, _FIRST = range(10)
@@ -125,11 +126,12 @@ class StepCurve:
         steps, losses, g_steps, g_vals = epoch_values(inp)
         if steps.size == 0 and g_steps.size == 0:
             return []
-        lo = int(min(steps.min(initial=2**62), g_steps.min(initial=2**62)))
-        hi = int(max(steps.max(initial=-2**62), g_steps.max(initial=-2**62)))
+        every = np.concatenate([steps, g_steps])
+        lo, hi = int(every.min()), int(every.max())
         if self._first is not None and self._last is not None and lo <= self._first:
             shift = self._last + 1 - lo  # a counter that restarted: after the curve's end
-            steps, g_steps, hi, lo = steps + shift, g_steps + shift, hi + shift, lo + shift
+            if hi + shift < _STEP_LIMIT:  # (step numbers near int64's end stay as sent)
+                steps, g_steps, hi, lo = steps + shift, g_steps + shift, hi + shift, lo + shift
         self._first = lo
         self._last = hi if self._last is None else max(self._last, hi)
         new = np.concatenate([_rows(steps, losses, False), _rows(g_steps, g_vals, True)])
