@@ -50,8 +50,14 @@ from collector.records import (
     RunRecord,
     SamplesPictureRecord,
     StepCurveRecord,
-    StepPoint,
     SummaryRecord,
+)
+from collector.sinks.wandb_views import (
+    STEP_AXIS,
+    STEP_METRICS,
+    define_step_axes,
+    picture_entry,
+    step_rows,
 )
 from collector.text import printable
 
@@ -78,8 +84,6 @@ _BASE_SETTINGS: dict[str, Any] = {
     "x_save_requirements": False, "reinit": "create_new",
 }
 _STOP = object()
-STEP_AXIS = "trainer_step"  # the per-step curve's x axis
-STEP_METRICS = tuple(f"steps/{name}" for name in StepPoint._fields[1:])  # against it
 
 
 def wandb_run_id(run: str) -> str:
@@ -394,38 +398,21 @@ class WandbSink:
         state.run.summary.update({**record.metrics, "trainwatch/ended": record.ended})
         self._finish(state, exit_code=0)
 
-    def _step_axes(self, state: _Run) -> None:
-        """steps/<name> against trainer_step, each by its exact name: a glob ("steps/*")
-        would overlap the epoch rows' "*", which wandb-core resolves either way, run to
-        run; under "*" a step row would get "epoch" (wandb copies the step metric into a
-        row), which only epoch rows have."""
-        if not state.step_axes_defined:
-            state.run.define_metric(STEP_AXIS)
-            for name in STEP_METRICS:
-                state.run.define_metric(name, step_metric=STEP_AXIS)
-            state.step_axes_defined = True
-
     def _on_steps(self, run_id: str, state: _Run, record: StepCurveRecord) -> None:
         """One row per point, ``trainer_step`` its x: wandb has one step counter, so each
         row takes the next one (the epoch rows after them keep their own ``epoch`` axis)."""
-        self._step_axes(state)
-        for p in record.points:
-            row: dict[str, Any] = {STEP_AXIS: p.step}
-            row.update({k: v for k, v in zip(STEP_METRICS, p[1:], strict=True)
-                        if v is not None})
+        if not state.step_axes_defined:
+            define_step_axes(state.run)
+            state.step_axes_defined = True
+        for row in step_rows(record):
             state.last_step += 1
             state.run.log(row, step=state.last_step, commit=True)
 
     def _on_pictures(self, run_id: str, state: _Run, record: SamplesPictureRecord) -> None:
-        """The picture as a plotly figure (built here, on the sink's thread), logged in the
-        row of its epoch's record, which the pipeline sends right after it."""
-        import wandb
-
-        from collector.report.pictures import picture_figure
-
-        fig = picture_figure(record.kind, record.picture, record.epoch)
-        state.pictures.setdefault(record.epoch, {})[f"pictures/{record.kind}"] = \
-            wandb.Plotly(fig)
+        """The picture (a plotly figure, built here) goes in the row of its epoch's record,
+        which the pipeline sends right after it."""
+        key, value = picture_entry(record)
+        state.pictures.setdefault(record.epoch, {})[key] = value
 
     def _log_pictures(self, state: _Run, but: int | None = None) -> None:
         """Pictures whose epoch row did not come next, in rows of their own."""
