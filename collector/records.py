@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 __all__ = ["CLEARED", "RAISED", "ConfigRecord", "DataStatsRecord", "EpochRecord", "Event",
            "EventRecord", "Ranks", "Record", "RunRecord", "StopRecord", "SummaryRecord",
@@ -260,3 +260,75 @@ def plain_key(k: Any) -> str:
         return bytes(k).hex()
     s = k if isinstance(k, str) else str(k)
     return s if len(s) <= MAX_STR else s[:MAX_STR] + "..."
+
+
+# -- what the views draw besides the epoch rows: per-step curves, pictures of samples ----------
+class StepPoint(NamedTuple):
+    """One bucket of consecutive steps of a run's per-step curve.
+
+    The bucket holds steps ``step // width * width`` up to ``+ width`` (``width`` a power of
+    two); ``step`` is the first step it holds. Losses are every rank's (pooled), gradient
+    norms one per step; the means, minima and maxima are over finite values (None when
+    there were none) and ``nonfinite`` counts the NaN/Inf losses and norms.
+    """
+
+    step: int
+    width: int
+    n: int  # finite losses
+    loss: float | None
+    loss_min: float | None
+    loss_max: float | None
+    grad_n: int  # finite gradient norms
+    grad_norm: float | None
+    grad_norm_min: float | None
+    grad_norm_max: float | None
+    nonfinite: int
+
+
+@dataclass(frozen=True, slots=True)
+class StepCurveRecord:
+    """The per-step curve's points that became final since the run's last such record.
+
+    ``width`` is the bucket width the collector keeps the run's curve at now: the points of
+    all records re-bucketed to it (``step // width``; each point falls in one bucket) give
+    exactly the curve the collector holds, at most a bounded number of buckets.
+    """
+
+    run: str
+    epoch: int
+    width: int
+    points: tuple[StepPoint, ...]
+
+    def json(self) -> dict[str, Any]:
+        columns = {name: [p[i] for p in self.points] for i, name in enumerate(StepPoint._fields)}
+        return {"type": "steps", "run": self.run, "epoch": self.epoch, "metrics": {},
+                "events": [], "width": self.width, "points": columns}
+
+
+@dataclass(frozen=True, slots=True)
+class SamplesPictureRecord:
+    """What the generated samples of a validation epoch look like beside the training data.
+
+    ``kind`` is "gait" (curves over the window and over gait
+    cycles, with a mean and a band), "images" (a grid) or "histograms" (per channel);
+    ``picture`` holds plain lists only, bounded in size (``collector.analysis.pictures``).
+    ``amends``: built from late samples of an epoch already pictured; it replaces that
+    picture.
+    """
+
+    run: str
+    epoch: int
+    kind: str
+    picture: dict[str, Any]
+    amends: bool = False
+
+    def json(self) -> dict[str, Any]:
+        out = {"type": "pictures", "run": self.run, "epoch": self.epoch, "metrics": {},
+               "events": [], "kind": self.kind, "picture": self.picture}
+        if self.amends:
+            out["amends"] = True
+        return out
+
+
+Record = Record | StepCurveRecord | SamplesPictureRecord  # noqa: F811 - the views' records too
+__all__ += ["SamplesPictureRecord", "StepCurveRecord", "StepPoint"]

@@ -30,7 +30,13 @@ def test_spec_holds_the_seeds_four_panels() -> None:
     assert (spec["project"], spec["entity"]) == ("gait", "team")
     names = [s["name"] for s in spec["sections"]]
     assert names == ["1. Training health", "2. Validation quality",
-                     "3. Mode-collapse detection", "4. Loss components"]
+                     "3. Mode-collapse detection", "4. Loss components", "5. Per-step curves"]
+    assert spec["x_axis"] == "epoch"  # the sink's step metric, not wandb's row counter
+    steps = [p for s in spec["sections"] if s["name"] == "5. Per-step curves"
+             for p in s["panels"]]
+    assert [(p["metrics"], p["x"]) for p in steps] == [
+        (["steps/loss", "steps/loss_max"], "trainer_step"),
+        (["steps/grad_norm", "steps/grad_norm_max"], "trainer_step")]
     by_section = {s["name"]: [(p["kind"], p["metrics"]) for p in s["panels"]]
                   for s in spec["sections"]}
     assert by_section["1. Training health"] == [
@@ -78,6 +84,8 @@ def test_workspace_objects_build_from_the_spec_offline() -> None:
     # The wire model wandb would receive serialises without a network.
     wire = workspace._to_model().model_dump_json(by_alias=True)
     assert "validation/grf_vz_r_std" in wire and "threshold/grf_vz_r_std" in wire
+    curve = panels["loss per step (bucket mean and max)"]
+    assert curve.x == "trainer_step" and knee.x == "epoch"
 
 
 def test_workspace_needs_an_entity() -> None:

@@ -163,11 +163,14 @@ def _section(page: str, run: str) -> str:
     return page[start:end if end > 0 else len(page)]
 
 
-def _figures(page: str) -> list[dict]:
-    """Every plot's figure (data and layout) as plotly was given it."""
+def _figures(page: str, epoch_axes: bool = False) -> list[dict]:
+    """Every plot's figure (data and layout) as plotly was given it; with ``epoch_axes``
+    only those over the epochs (not the per-step curve, not the sample pictures)."""
     decoder = json.JSONDecoder()
     out = []
-    for m in re.finditer(r"Plotly\.newPlot\(\s*\"[^\"]+\",\s*", page):
+    for m in re.finditer(r"Plotly\.newPlot\(\s*\"([^\"]+)\",\s*", page):
+        if epoch_axes and re.search(r"-(steps|pictures\d+)$", m.group(1)):
+            continue
         data, end = decoder.raw_decode(page, m.end())
         rest = page[end:].lstrip().removeprefix(",").lstrip()
         layout, _ = decoder.raw_decode(rest)
@@ -217,7 +220,8 @@ def test_a_run_validated_every_epoch_reads_true(validated) -> None:
     for run in ("gait", "gait-late", "images"):
         part = _section(page, run)
         assert "2. Validation quality" in part and "No health rule or diagnosis" in part
-        assert part.count("Plotly.newPlot") == 4  # every panel drawn, no findings timeline
+        # every panel drawn, the per-step curve, the pictures; no findings timeline
+        assert part.count("Plotly.newPlot") == 6
     # The validation figures cover every epoch, in both orders of sending.
     epochs = list(range(1, 9))
     knee = [t for f in _figures(page) for t in f["data"]
@@ -363,7 +367,7 @@ def test_diversity_and_per_channel_figures_render_from_the_records(tmp_path: Pat
 def test_epoch_axes_tick_whole_epochs_and_legends_sit_below_the_axes() -> None:
     recs = records([run_messages("bad", 8, loss=rising, samples=collapsed)])
     page = render_report(recs + make_run("long", 130, collapse_at=90), PROFILE, ranks=RANKS)
-    figures = _figures(page)
+    figures = _figures(page, epoch_axes=True)
     assert len(figures) == 10  # 2 runs x (4 panels + the findings timeline)
     for fig in figures:
         layout = fig["layout"]

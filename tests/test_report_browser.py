@@ -78,9 +78,15 @@ def _shown_text(dom: str) -> str:
     return re.sub(r"\s+", " ", html.unescape(text))
 
 
-def _check_figures(dom: str, expected: int) -> None:
+def _check_figures(dom: str, expected: int, beside: int = 0) -> None:
+    """``expected`` figures over the epochs, checked for whole-epoch ticks and legends, and
+    ``beside`` others (per-step curves, sample pictures), each drawn."""
     figures = re.split(r'(?=<div id="[^"]+" class="plotly-graph-div)', dom)[1:]
-    assert len(figures) == expected
+    other = [f for f in figures if re.match(r'<div id="[^"]+-(steps|pictures\d+)"', f)]
+    figures = [f for f in figures if f not in other]
+    assert len(figures) == expected and len(other) == beside
+    for fig in other:
+        assert '<svg class="main-svg"' in fig, fig[:80]
     for fig in figures:
         name = re.match(r'<div id="([^"]+)"', fig).group(1)
         svg = re.search(r'<svg class="main-svg"[^>]*\bheight="([\d.]+)"', fig)
@@ -120,7 +126,7 @@ def test_a_real_run_validated_every_epoch_as_chromium_shows_it(chromium, tmp_pat
     for key in expected.collapse:  # a collapse the rules found is said in the verdict
         assert key in header
     assert "2. Validation quality" in shown and "validation/knee_r_std (rad)" in shown
-    _check_figures(dom, 4 + bool(expected.findings))
+    _check_figures(dom, 4 + bool(expected.findings), beside=2)  # the steps, the pictures
 
 
 def test_a_sweep_as_chromium_shows_it(chromium, tmp_path) -> None:
@@ -153,9 +159,10 @@ def test_a_sweep_as_chromium_shows_it(chromium, tmp_path) -> None:
     assert badges.count("healthy") == 4 and badges.count("unhealthy") == 2  # sweep + facts
     assert "validation/<channel>_std: per-channel std of the samples" in shown
     assert "validation/sample_diversity" in shown
-    _check_figures(dom, 3 * 4 + 1)  # four panels each, one findings timeline
-    # the narrowest window that still shows two panels side by side: legends wrap the most
-    _check_figures(_dom(chromium, page, tmp_path, 1180), 3 * 4 + 1)
+    _check_figures(dom, 3 * 4 + 1, 3 * 2)  # four panels each, one findings timeline;
+    # each run's per-step curve and pictures of its samples beside them. The narrowest
+    # window that still shows two panels side by side: legends wrap the most
+    _check_figures(_dom(chromium, page, tmp_path, 1180), 3 * 4 + 1, 3 * 2)
 
 
 def test_the_artefacts_are_written_where_ci_collects_them() -> None:

@@ -18,6 +18,9 @@ are not the gait ones, chosen once from the channels known when its first epoch 
 (``log_data_stats`` or the samples of that epoch) or when a step first raises a rule. A run
 whose channels arrive only later keeps the default; a user's ``--rules`` is never replaced.
 
+A verdict's ``extra``: the per-step curve's new points and a picture of the epoch's
+samples, for the views; ``finish()``: the curve's last points when the run ends.
+
 Deterministic: the same calls in the same order give identical metrics and events, so a
 replayed recording reproduces the live records byte for byte.
 """
@@ -32,11 +35,13 @@ import numpy as np
 
 from collector.analysis.datastats import DataStatsAccumulator
 from collector.analysis.inputs import AMEND_EPOCHS, DataConstants, EpochInput, ValidationInput
+from collector.analysis.pictures import sample_picture
 from collector.analysis.profile import Profile, load_profile, matches
 from collector.analysis.rules import RuleEngine
 from collector.analysis.samples import TrainingSubsample, sample_metrics
 from collector.analysis.stats import EpochStats, epoch_stats, validation_metrics
-from collector.records import CLEARED, Event
+from collector.analysis.stepcurve import StepCurve
+from collector.records import CLEARED, Event, Record, SamplesPictureRecord, StepCurveRecord
 
 __all__ = ["EpochVerdict", "RunHealth"]
 
@@ -61,6 +66,7 @@ class EpochVerdict(NamedTuple):
     events: list[Event]
     raised: tuple[str, ...]
     profile: str  # the name of the profile that judged it
+    extra: tuple[Record, ...] = ()  # for the views: the step curve's points, the pictures
 
 
 class _Evaluated(NamedTuple):
@@ -99,6 +105,8 @@ class RunHealth:
         self._nan_grads: dict[int, set[int]] = {}
         self._recent: deque[_Evaluated] = deque(maxlen=AMEND_EPOCHS)
         self._epochs: dict[int, dict[str, Any]] = {}  # epoch -> what the summary reads
+        self.curve = StepCurve()  # bounded: collector.analysis.stepcurve.MAX_BUCKETS
+        self._curve_epoch = 0  # the latest epoch whose steps the curve holds
 
     def on_config(self, config: dict[str, Any]) -> None:
         """The run's hyperparameters; remedies quote the values they are about."""
@@ -172,6 +180,8 @@ class RunHealth:
             values["facts/desync_ranks"] = len(st.desync)
         before = self.engine.snapshot()
         verdict = self._judge(inp.epoch, m, values, phase, _details(st))
+        verdict = verdict._replace(extra=self._curve(inp) + self._picture(inp.epoch,
+                                                                          inp.validation))
         self._recent.append(_Evaluated(inp.epoch, before, dict(m), values, phase,
                                        _details(st), verdict,
                                        (tuple(st.validation_keys), st.validation_bad)))
@@ -209,11 +219,36 @@ class RunHealth:
             self._recent[i] = ev._replace(before=before, metrics=m, values=values,
                                           published=redo, validation=judged_with)
             changed = _changes(ev.published, redo)
+            if i == at:
+                changed = changed._replace(extra=self._picture(epoch, v, amends=True))
             if i == at or changed.events or changed.raised != ev.published.raised:
                 out.append(changed)
         for key in between:  # as activate() left them: raised, holding
             self.engine.activate(key)
         return out
+
+    def finish(self) -> tuple[Record, ...]:
+        """The run ended: the step curve's last points (its latest bucket), if held."""
+        points = self.curve.finish()
+        return (StepCurveRecord(self.run, self._curve_epoch, self.curve.width,
+                                tuple(points)),) if points else ()
+
+    def _curve(self, inp: EpochInput) -> tuple[Record, ...]:
+        points = self.curve.add_epoch(inp)
+        if not points:
+            return ()
+        self._curve_epoch = inp.epoch
+        return (StepCurveRecord(self.run, inp.epoch, self.curve.width, tuple(points)),)
+
+    def _picture(self, epoch: int, v: ValidationInput | None,
+                 amends: bool = False) -> tuple[Record, ...]:
+        if v is None:
+            return ()
+        try:
+            made = sample_picture(v, self.subsample, self.consts, self.profile)
+        except (ValueError, IndexError, TypeError):  # samples it cannot read: no picture
+            return ()
+        return () if made is None else (SamplesPictureRecord(self.run, epoch, *made, amends),)
 
     def _improvement(self, m: dict[str, Any]) -> None:
         """train/loss_decrease (_pct) against the previous epoch, as the guide defines them;

@@ -31,7 +31,7 @@ from collector.analysis.diversity import DataReference, DiversityConfig, sample_
 from collector.analysis.inputs import DataConstants, ValidationInput
 from collector.analysis.profile import Profile
 
-__all__ = ["TrainingSubsample", "diversity_config", "sample_metrics"]
+__all__ = ["TrainingSubsample", "diversity_config", "physical_units", "sample_metrics"]
 
 
 class TrainingSubsample:
@@ -105,6 +105,26 @@ class TrainingSubsample:
             last = b
         return [(start, np.concatenate(parts)) for start, parts in out]
 
+    def windows(self, window_len: int) -> list[np.ndarray]:
+        """The kept whole windows of ``window_len`` rows (raw), in data order: ``T``
+        consecutive rows starting at a multiple of ``T`` inside a run of kept blocks."""
+        out = []
+        for start, rows in self._runs():
+            first = -(-start // window_len) * window_len - start  # next multiple of T
+            for a in range(first, rows.shape[0] - window_len + 1, window_len):
+                out.append(rows[a:a + window_len])
+        return out
+
+    def kept_rows(self, limit: int) -> np.ndarray:
+        """At most ``limit`` of the kept rows (raw, ``[n, channels]``), evenly spaced."""
+        runs = [rows for _, rows in self._runs()]
+        if not runs:
+            return np.zeros((0, self.channels))
+        rows = np.concatenate(runs)
+        if rows.shape[0] > limit:
+            rows = rows[(np.arange(limit) * rows.shape[0]) // limit]
+        return rows
+
     def reference(self, window_len: int, channels: int,
                   config: DiversityConfig) -> DataReference | None:
         """The training windows of ``window_len`` rows the samples are compared with, or
@@ -114,11 +134,7 @@ class TrainingSubsample:
         key = (window_len, channels, self.rows)
         if key in self._refs:
             return self._refs[key]
-        windows = []
-        for start, rows in self._runs():
-            first = -(-start // window_len) * window_len - start  # next multiple of T
-            for a in range(first, rows.shape[0] - window_len + 1, window_len):
-                windows.append(rows[a:a + window_len])
+        windows = self.windows(window_len)
         ref = None
         if len(windows) >= 2:
             flat = np.concatenate(windows)
@@ -132,7 +148,8 @@ def diversity_config(profile: Profile) -> DiversityConfig:
                            max_values=profile.max_values, duplicate_rms=profile.duplicate_rms)
 
 
-def _units(consts: DataConstants | None, names: list[str]) -> tuple[np.ndarray, np.ndarray]:
+def physical_units(consts: DataConstants | None,
+                   names: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """Per channel (scale, offset) with physical = x * scale + offset; 1, 0 where unknown."""
     scale, offset = np.ones(len(names)), np.zeros(len(names))
     if consts is None or consts.mean is None or consts.std is None:
@@ -163,6 +180,6 @@ def sample_metrics(v: ValidationInput, data: TrainingSubsample | None,
     figs = sample_diversity(arrays, v.dtype, ref, config)
     names = list(v.channel_names) if len(v.channel_names) == chans else [
         f"ch{i}" for i in range(chans)]
-    scale, offset = _units(consts, names)
+    scale, offset = physical_units(consts, names)
     out = figs.metrics(names, scale, offset)
     return {k: x for k, x in out.items() if math.isfinite(x)}

@@ -271,6 +271,7 @@ class Pipeline:
         for f in facts:
             if isinstance(f, EpochClosed):
                 v = self.health[f.run].on_epoch(f.inp)
+                self._emit_all(v.extra)
                 self._emit(self._epoch_record(f.run, v, f.ranks, f.missing))
             elif isinstance(f, RunOpened):
                 self.health[f.run] = RunHealth(f.run, self.profile)
@@ -298,8 +299,10 @@ class Pipeline:
                     self._emit(DataStatsRecord(f.run, metrics))
             elif isinstance(f, LateValidation):
                 for v in self.health[f.run].on_late_validation(f.epoch, f.validation):
+                    self._emit_all(v.extra)
                     self._emit(self._epoch_record(f.run, v, amends=True))
             elif isinstance(f, RunFinished):
+                self._emit_all(self.health[f.run].finish())  # before the summary ends it
                 metrics = self.health[f.run].summary(f.counts)
                 self._emit(SummaryRecord(f.run, f.last_closed, metrics, f.ended))
             elif isinstance(f, Note):
@@ -320,6 +323,12 @@ class Pipeline:
     def _emit(self, record: Record) -> None:
         self.records_out += 1
         self.sink.write(record)
+
+    def _emit_all(self, records: Iterable[Record]) -> None:
+        """What the views draw besides the epoch rows (step curves, pictures), sent before
+        the epoch's record, so a sink can show them in that epoch's row."""
+        for record in records:
+            self._emit(record)
 
     # -- rejects and recording -----------------------------------------------------
     def _internal_error(self, n: int, kind: int, run: str) -> None:

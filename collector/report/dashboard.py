@@ -20,15 +20,20 @@ from collector.analysis.profile import Profile, load_profile
 __all__ = ["WorkspaceError", "X_AXIS", "create_workspace", "build_workspace",
            "workspace_spec"]
 
-# The wandb sink logs each epoch record at step = epoch, so wandb's step axis is the epoch.
-X_AXIS = "Step"
+# The wandb sink defines "epoch" as every epoch metric's step metric (wandb's own step is a
+# row counter once the per-step curve's rows take steps); that curve's axis is its own.
+X_AXIS = "epoch"
+STEP_X_AXIS = "trainer_step"
 WORKSPACE_NAME = "trainwatch: training health"
 
 Panel = dict[str, Any]
 
 
-def _line(title: str, *metrics: str) -> Panel:
-    return {"kind": "line", "title": title, "metrics": list(metrics)}
+def _line(title: str, *metrics: str, x: str | None = None) -> Panel:
+    out: Panel = {"kind": "line", "title": title, "metrics": list(metrics)}
+    if x is not None:
+        out["x"] = x  # the panel's own axis, not the workspace's
+    return out
 
 
 def _bar(title: str, *metrics: str) -> Panel:
@@ -38,7 +43,8 @@ def _bar(title: str, *metrics: str) -> Panel:
 
 def workspace_spec(project: str, entity: str | None = None,
                    profile: Profile | None = None) -> dict[str, Any]:
-    """The seed's four dashboard panels as sections of a wandb workspace (plain data).
+    """The seed's four dashboard panels as sections of a wandb workspace (plain data), and
+    the per-step curves (``steps/*`` against ``trainer_step``).
 
     Each section holds panels of kind ``line``, ``bar`` or ``stacked_area``; ``metrics``
     are exact wandb keys, ``metric_regex`` (stacked area) matches a key family. The
@@ -73,6 +79,12 @@ def workspace_spec(project: str, entity: str | None = None,
              "metrics": [f"loss_ratio/{name}" for name in profile.loss_terms],
              "metric_regex": "^loss_ratio/.*"},
         ]},
+        {"name": "5. Per-step curves", "panels": [
+            _line("loss per step (bucket mean and max)", "steps/loss", "steps/loss_max",
+                  x=STEP_X_AXIS),
+            _line("gradient norm per step (bucket mean and max)", "steps/grad_norm",
+                  "steps/grad_norm_max", x=STEP_X_AXIS),
+        ]},
     ]
     return {"entity": entity, "project": project, "name": WORKSPACE_NAME,
             "x_axis": X_AXIS, "thresholds": th, "sections": sections}
@@ -94,7 +106,7 @@ def build_workspace(spec: dict[str, Any]) -> Any:
             return wr.BarPlot(title=p["title"], metrics=list(p["metrics"]), orientation="v")
         plot_type = "stacked-area" if p["kind"] == "stacked_area" else "line"
         # The regex picks up component names a profile adds beyond the seed's five.
-        return wr.LinePlot(title=p["title"], x=spec["x_axis"], y=list(p["metrics"]),
+        return wr.LinePlot(title=p["title"], x=p.get("x", spec["x_axis"]), y=list(p["metrics"]),
                            plot_type=plot_type, metric_regex=p.get("metric_regex"))
 
     sections = [

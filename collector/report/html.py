@@ -1,7 +1,9 @@
 """The HTML health report: one self-contained page from the collector's records.
 
-A verdict first, then the sweep table, then per run the seed's four dashboard panels, the
-timeline of what was raised, the diagnoses with their remedies and the per-rank counts.
+A verdict first, then the sweep table, then per run the seed's four dashboard panels, its
+per-step loss and gradient norm, pictures of what it generated beside the training data
+(``views``), the timeline of what was raised, the diagnoses with their remedies and the
+per-rank counts.
 plotly.js is embedded once, so the file opens offline (it is about 5 MB)::
 
     write_report(records, "out/report.html", profile, ranks=pipeline.state.rank_table())
@@ -32,6 +34,7 @@ from collector.report.model import (
     summary_row,
     verdict,
 )
+from collector.report.views import RunViews, run_views
 
 __all__ = ["render_report", "write_report"]
 
@@ -340,11 +343,12 @@ def _lost(run: RunData, ranks: dict | None) -> int:
 
 
 def _run_section(run: RunData, v: Verdict, ranks: dict[str, Any] | None,
-                 profile: Profile) -> str:
+                 profile: Profile, views: RunViews) -> str:
     counts = (ranks or {}).get(run.run)
     findings = run.findings()
     return (f'<section id="{run.anchor}"><h2>Run {escape(run.run)}</h2>'
-            f"{_facts(run, v, profile)}{_panels(run, profile)}{_events(run, findings)}"
+            f"{_facts(run, v, profile)}{_panels(run, profile)}"
+            f"{views.cards(run.anchor, bool(run.ended))}{_events(run, findings)}"
             f"{_diagnoses(run, findings)}{_ranks(run, counts)}</section>")
 
 
@@ -356,7 +360,8 @@ def render_report(records: list[dict], profile: Profile, ranks: dict | None = No
     title = title or "trainwatch health report"
     runs = group_runs(records)
     verdicts = [verdict(run, profile) for run in runs]
-    sections = "".join(_run_section(r, v, ranks, profile)
+    views = run_views(records)
+    sections = "".join(_run_section(r, v, ranks, profile, views.get(r.run, RunViews()))
                        for r, v in zip(runs, verdicts, strict=True))
     sweep = _sweep_table(runs, verdicts) if runs else ""
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"

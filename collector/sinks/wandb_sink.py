@@ -9,13 +9,18 @@ the wandb calls, so a slow, stalled or failing wandb never slows ingest::
     sink.close(timeout_s=10.0)                               # finishes open runs, returns
     print(sink.stats)                                        # {"written": .., "dropped": ..}
 
-Each epoch record is one ``log`` call at ``step = epoch`` with ``epoch`` also defined as
-every metric's step metric, so both wandb's default axis and the epoch axis are the epoch.
-An amendment of an epoch already logged goes one step after, at its ``epoch``: charts on
-the epoch axis show it where it belongs. The flags are the record's own (the collector's
-state at that epoch); the sink infers nothing. A stop decision (``StopRecord``) writes the
-summary's ``trainwatch/stopped_by`` (the finding) and ``trainwatch/stop_step``. ``wandb``
-is imported on the sink's thread at its first run, never at collector import.
+Each epoch record is one ``log`` call with ``epoch`` defined as every metric's step
+metric, at ``step = epoch`` while no other row took that step; its pictures of samples
+(``SamplesPictureRecord``, sent just before it: ``pictures/<kind>``, a ``wandb.Plotly``
+figure) go in that row. wandb has one step counter, so each point of the per-step curve
+(a ``StepCurveRecord``: ``steps/*`` against its own axis, ``trainer_step``) takes a row
+of its own, and an epoch row after them goes at the next free step: every chart reads its
+own axis (``epoch`` or ``trainer_step``), never wandb's counter. An amendment of an epoch
+already logged goes one step after, at its ``epoch``: charts on the epoch axis show it
+where it belongs. The flags are the record's own (the collector's state at that epoch);
+the sink infers nothing. A stop decision (``StopRecord``) writes the summary's
+``trainwatch/stopped_by`` (the finding) and ``trainwatch/stop_step``.
+``wandb`` is imported on the sink's thread at its first run, never at collector import.
 """
 
 from __future__ import annotations
@@ -44,12 +49,22 @@ from collector.records import (
     EventRecord,
     Record,
     RunRecord,
+    SamplesPictureRecord,
+    StepCurveRecord,
     StopRecord,
     SummaryRecord,
 )
+from collector.sinks.wandb_views import (
+    STEP_AXIS,
+    STEP_METRICS,
+    define_step_axes,
+    picture_entry,
+    step_rows,
+)
 from collector.text import printable
 
-__all__ = ["EVENT_COLUMNS", "WandbSink", "resolve_mode", "wandb_run_id"]
+__all__ = ["EVENT_COLUMNS", "STEP_AXIS", "STEP_METRICS", "WandbSink", "resolve_mode",
+           "wandb_run_id"]
 
 _log = logging.getLogger("trainwatch.wandb")
 
@@ -122,6 +137,8 @@ class _AlertGate:
 class _Run:
     run: Any  # a wandb Run, or None when wandb.init failed
     axes_defined: bool = False
+    step_axes_defined: bool = False
+    pictures: dict[int, dict[str, Any]] = field(default_factory=dict)  # epoch -> its row's
     last_step: int = -1
     data_stats: dict[str, Any] = field(default_factory=dict)  # waits for the first row
     event_rows: list[list[Any]] = field(default_factory=list)
@@ -356,7 +373,9 @@ class WandbSink:
             for name, agg in SUMMARY_AGGREGATIONS.items():
                 run.define_metric(name, step_metric="epoch", summary=agg)
             state.axes_defined = True
-        row: dict[str, Any] = {**state.data_stats, **record.metrics, "epoch": epoch}
+        self._log_pictures(state, but=epoch)
+        row: dict[str, Any] = {**state.data_stats, **record.metrics,
+                               **state.pictures.pop(epoch, {}), "epoch": epoch}
         state.data_stats = {}
         row["health/n_raised"] = len(record.raised)
         if not record.amends:
@@ -386,9 +405,33 @@ class WandbSink:
         state.run.summary.update({**record.metrics, "trainwatch/ended": record.ended})
         self._finish(state, exit_code=0)
 
+    def _on_steps(self, run_id: str, state: _Run, record: StepCurveRecord) -> None:
+        """One row per point, ``trainer_step`` its x: wandb has one step counter, so each
+        row takes the next one (the epoch rows after them keep their own ``epoch`` axis)."""
+        if not state.step_axes_defined:
+            define_step_axes(state.run)
+            state.step_axes_defined = True
+        for row in step_rows(record):
+            state.last_step += 1
+            state.run.log(row, step=state.last_step, commit=True)
+
+    def _on_pictures(self, run_id: str, state: _Run, record: SamplesPictureRecord) -> None:
+        """The picture (a plotly figure, built here) goes in the row of its epoch's record,
+        which the pipeline sends right after it."""
+        key, value = picture_entry(record)
+        state.pictures.setdefault(record.epoch, {})[key] = value
+
+    def _log_pictures(self, state: _Run, but: int | None = None) -> None:
+        """Pictures whose epoch row did not come next, in rows of their own."""
+        for epoch in [e for e in state.pictures if e != but]:
+            state.last_step += 1
+            state.run.log({**state.pictures.pop(epoch), "epoch": epoch},
+                          step=state.last_step, commit=True)
+
     _HANDLERS = {RunRecord: _on_run, ConfigRecord: _on_config, DataStatsRecord: _on_data_stats,
                  EpochRecord: _on_epoch, EventRecord: _on_event, SummaryRecord: _on_summary,
-                 StopRecord: _on_stop}
+                 StopRecord: _on_stop, StepCurveRecord: _on_steps,
+                 SamplesPictureRecord: _on_pictures}
 
     # --- events, alerts, finishing -------------------------------------------------------
     def _add_events(self, state: _Run, epoch: int | None, events: tuple[Event, ...]) -> None:
@@ -427,6 +470,7 @@ class WandbSink:
                 self._warn("alert", "wandb alert for run %r failed", run_id, exc=True)
 
     def _finish(self, state: _Run, exit_code: int) -> None:
+        self._log_pictures(state)
         state.data_stats = {}  # already in the summary
         if state.events_unlogged:  # events after the last epoch row
             state.run.summary["health/events"] = self._events_table(state)

@@ -50,13 +50,16 @@ def run_messages(run: str, epochs: int, *, loss: Callable[[int], float] = fallin
                  samples: Samples | None = varied, channels: tuple[str, ...] = GAIT,
                  validate_every: int = 1, late_validation: bool = False,
                  data_stats: bool = True, seed: int = 0, env: dict | None = None,
-                 explode: Iterable[int] = (), bye: bool = True) -> list[list[bytes]]:
+                 explode: Iterable[int] = (), bye: bool = True,
+                 data: np.ndarray | None = None) -> list[list[bytes]]:
     """One rank's messages for ``epochs`` epochs (numbered from 1, as the examples do).
 
     Each epoch's steps alternate ``loss(e) * (1 ± 0.1)`` (the epoch's mean is exactly
     ``loss(e)``; batch losses vary, as real ones do), gradient norms 0.8-1.2 (x150 in the
     ``explode`` epochs). With ``late_validation`` the samples of epoch E follow
     ``log_epoch(E)``. ``env``: the launcher's WANDB_* variables the hello forwards.
+    ``data``: the training set ``log_data_stats`` ships (float32, channels last; default
+    4096 rows of standard normal values).
     """
     explode = set(explode)
     rng = np.random.default_rng(seed)
@@ -79,7 +82,8 @@ def run_messages(run: str, epochs: int, *, loss: Callable[[int], float] = fallin
     send(wire.KIND_CONFIG, {"config": {"learning_rate": 1e-4, "batch_size": 32,
                                        "epochs": epochs}, "num_params": 1000}, 0)
     if data_stats:
-        chunk = rng.standard_normal((4096, len(channels))).astype(np.float32)
+        chunk = rng.standard_normal((4096, len(channels))).astype(np.float32) if data is None \
+            else np.ascontiguousarray(data, np.float32).reshape(-1, len(channels))
         mean = GAIT_MEAN if channels == GAIT else [0.0] * len(channels)
         std = GAIT_STD if channels == GAIT else [1.0] * len(channels)
         send(wire.KIND_DATA, {"index": 0, "count": 1, "channels": list(channels)}, 0,
