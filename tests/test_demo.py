@@ -26,7 +26,7 @@ def test_short_demo_end_to_end(tmp_path):
     from collector.report.html import LEVEL_TEXT
 
     assert any(f"\n{v.upper()}" in r.stdout for v in LEVEL_TEXT.values())
-    assert "wandb offline run" in r.stdout and "3 history rows" in r.stdout
+    assert "wandb offline run" in r.stdout and "3 epoch rows" in r.stdout
     html = (out / "report.html").read_text()
     assert "<html" in html.lower() and "knee_r_std" in html
     assert (out / "run.jsonl").read_text().count('"type":"epoch"') == 3

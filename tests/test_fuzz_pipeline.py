@@ -135,6 +135,9 @@ def _pack(head: object, ts: list[wire.Tensor]) -> list[bytes]:
 
 
 def _classify(frame: bytes) -> str:
+    if frame[:1] == bytes((wire.STEP_MAGIC,)):  # a binary step's first byte, never msgpack's
+        short = min(wire.STEP_LAYOUT.size, wire.STEP_LAYOUT_V1.size)
+        return "bad_header" if len(frame) < short else ""
     try:
         h = msgpack.unpackb(frame, raw=False, strict_map_key=True)
     except Exception:

@@ -91,7 +91,7 @@ def verdict(records: list[dict]) -> tuple[str, list[str]]:
         for ev in rec.get("events", []):
             if ev.get("severity") != "info":
                 fired.setdefault(ev["rule"], ev | {"epoch": rec.get("epoch")})
-    lines = []
+    lines = [f"  why: {reason}" for reason in v.reasons]
     for rule, ev in sorted(fired.items(), key=lambda kv: (kv[1]["severity"] != "critical",
                                                           kv[1]["epoch"] or 0)):
         lines.append(f"  - [{ev['severity']}] {rule} (from epoch {ev['epoch']}): "
@@ -127,7 +127,7 @@ def main() -> int:
           f"knee healthy {summary.get('summary/final_knee_healthy')}, "
           f"grf healthy {summary.get('summary/final_grf_healthy')}; "
           f"messages dropped {summary.get('summary/dropped')}")
-    print(f"{state}{': no rule fired.' if not lines else ':'}")
+    print(f"{state}{': no rule fired.' if not lines else ':'}")  # the reasons come first
     for line in lines:
         print(line)
 
@@ -137,8 +137,11 @@ def main() -> int:
     runs = find_offline_runs(out)
     for run_dir in runs:
         got = read_offline_run(run_dir)
-        print(f"wandb offline run {got['run_id']}: {len(got['history'])} history rows, "
-              f"{len(got['config'])} config keys -> {run_dir}")
+        rows = got["history"]
+        n_epoch = sum("epoch" in row and "train/total_loss" in row for row in rows)
+        n_step = sum("trainer_step" in row for row in rows)
+        print(f"wandb offline run {got['run_id']}: {n_epoch} epoch rows, {n_step} per-step "
+              f"rows, {len(got['config'])} config keys -> {run_dir}")
     print(f"report: {out / 'report.html'}\nrecording: {out / 'run.twrec'} "
           f"(replay: trainwatch replay {out / 'run.twrec'})")
     return 0
