@@ -16,7 +16,8 @@ from hypothesis import strategies as st
 
 from collector.analysis.profile import load_profile
 from collector.ingest import stepscan
-from collector.ingest.pipeline import Batch, Pipeline, replay
+from collector.ingest.batch import Batch
+from collector.ingest.pipeline import Pipeline, replay
 from collector.recording import scan as recordscan
 from collector.recording.format import MESSAGE, pack_record
 from collector.recording.reader import read_records

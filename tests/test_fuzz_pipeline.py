@@ -26,7 +26,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from collector.analysis.profile import load_profile
-from collector.ingest.pipeline import Batch, Pipeline, replay
+from collector.ingest.batch import Batch
+from collector.ingest.pipeline import Pipeline, replay
 from collector.recording.writer import RecordWriter
 from collector.sinks.jsonl import MemorySink
 from trainer_client import wire
@@ -440,7 +441,8 @@ _HUGE_COUNT = """
 import resource, sys, time
 resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))
 sys.path.insert(0, sys.argv[1])
-from collector.ingest.pipeline import Batch, Pipeline, replay
+from collector.ingest.batch import Batch
+from collector.ingest.pipeline import Pipeline, replay
 from collector.analysis.profile import load_profile
 from collector.recording.writer import RecordWriter
 from trainer_client import wire

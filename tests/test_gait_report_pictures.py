@@ -27,7 +27,7 @@ from test_report_browser import ARTIFACTS, FLAGS
 
 from collector.analysis.pictures import BAND, MAX_CURVES, even_rows
 from collector.report.steps import step_curve
-from collector.sinks.wandb_sink import STEP_AXIS
+from collector.sinks.wandb_views import STEP_AXIS
 from examples.gait_diffusion import data as gd
 from examples.gait_diffusion.train import TrainConfig, train
 

@@ -21,7 +21,8 @@ from collector.analysis.stepcurve import MAX_BUCKETS, StepCurve
 from collector.records import StepCurveRecord
 from collector.report.steps import step_curve
 from collector.sinks.jsonl import dumps
-from collector.sinks.wandb_sink import STEP_AXIS, STEP_METRICS, WandbSink
+from collector.sinks.wandb_sink import WandbSink
+from collector.sinks.wandb_views import STEP_AXIS, STEP_METRICS
 
 
 def _epoch(epoch: int, ranks: dict[int, tuple]) -> EpochInput:

@@ -33,8 +33,8 @@ from collector.records import (
 )
 from collector.sinks.wandb_sink import (
     EVENT_COLUMNS,
+    AlertGate,
     WandbSink,
-    _AlertGate,
     resolve_mode,
     wandb_run_id,
 )
@@ -360,7 +360,7 @@ def test_disabled_mode_accepts_records_and_writes_no_files(wandb_env, tmp_path):
 
 
 def test_alert_gate_caps_alerts_per_minute():
-    gate = _AlertGate(per_min=2)
+    gate = AlertGate(per_min=2)
     assert [gate.allow(t) for t in (0.0, 1.0, 2.0, 59.9, 60.5)] == [True, True, False, False,
                                                                      True]
 

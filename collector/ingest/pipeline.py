@@ -21,15 +21,15 @@ reaches identical records.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
-from typing import NamedTuple
 
 import msgpack
 import numpy as np
 
 from collector.analysis.health import EpochVerdict, RunHealth
 from collector.analysis.profile import Profile
+from collector.ingest.batch import Batch, record_frames, step_bytes_of
 from collector.ingest.facts import (
     BadStep,
     ConfigSeen,
@@ -44,7 +44,8 @@ from collector.ingest.facts import (
     StopDecided,
 )
 from collector.ingest.limits import Limits
-from collector.ingest.state import State, Stream, step_bytes
+from collector.ingest.runs import Stream
+from collector.ingest.state import State
 from collector.ingest.stepscan import (
     COUNT,
     SEQ,
@@ -75,7 +76,7 @@ from collector.sinks.base import NullSink, Sink
 from collector.text import printable
 from trainer_client import wire
 
-__all__ = ["Batch", "Pipeline", "replay"]
+__all__ = ["Pipeline", "replay"]
 
 _log = logging.getLogger("trainwatch.collector")
 MIN_RUN = 8  # fast steps in a row worth a bulk pass (one costs ~20 us of numpy calls)
@@ -85,30 +86,6 @@ MIN_WINDOW, MAX_WINDOW = MIN_RUN, 1 << 16  # messages one bulk attempt may read 
 NOTED_REJECTS = {"over_budget": "the collector's memory budget (--max-held-mb) is full",
                  "world_size_over_limit": "the world size is over --max-world-size",
                  "epoch_out_of_order": "an epoch came after a later one of its rank"}
-
-
-class Batch(NamedTuple):
-    """Messages in order: message ``i``'s first frame is ``buf[offs[i]:offs[i]+lens[i]]``,
-    it has ``nfr[i]`` frames, and ``frames(i)`` gives them all (for the per-message path)."""
-
-    buf: np.ndarray
-    offs: np.ndarray
-    lens: np.ndarray
-    nfr: np.ndarray
-    frames: Callable[[int], list]
-
-    @classmethod
-    def of(cls, messages: list[list]) -> Batch:
-        """A batch of multipart messages as they came off a socket (frames: bytes or any
-        buffer, e.g. zero-copy ``zmq.Frame``; the per-message path gets bytes)."""
-        heads = [m[0] if m else b"" for m in messages]
-        n = len(heads)
-        lens = np.fromiter(map(len, heads), np.int64, n)
-        offs = np.zeros(n, np.int64)
-        np.cumsum(lens[:-1], out=offs[1:])
-        return cls(np.frombuffer(b"".join(heads), np.uint8), offs, lens,
-                   np.fromiter(map(len, messages), np.int64, n),
-                   lambda i: [f if type(f) is bytes else bytes(f) for f in messages[i]])
 
 
 class Pipeline:
@@ -398,7 +375,7 @@ class Pipeline:
             for k in [*np.flatnonzero(c.rtype != MESSAGE).tolist(), len(c.rtype)]:
                 if k > a:
                     self.feed_batch(Batch(raw, c.first[a:k], c.first_len[a:k], c.n_frames[a:k],
-                                          _record_frames(raw, c.body[a:k], c.n_frames[a:k],
+                                          record_frames(raw, c.body[a:k], c.n_frames[a:k],
                                                          c.first[a:k])))
                 if k < len(c.rtype) and c.rtype[k] == CONTROL:
                     self._replay_control(frames_of(raw, int(c.body[k]), int(c.n_frames[k]),
@@ -439,16 +416,6 @@ class Pipeline:
         self._publish(self.state.finish_all())
         self.recorder.close()
         self.sink.close(timeout_s)
-
-
-def step_bytes_of(s: Steps, a: int, e: int) -> np.ndarray:
-    """``step_bytes`` of fast steps ``a`` to ``e``, as a float64 vector (for bincount)."""
-    return step_bytes(0, 0) + 8.0 * s.comp_at[a:e, COUNT] + 4.0 * np.maximum(s.pn_at[a:e, COUNT], 0)
-
-
-def _record_frames(raw: np.ndarray, body: np.ndarray, nfr: np.ndarray, first: np.ndarray
-                   ) -> Callable[[int], list]:
-    return lambda i: frames_of(raw, int(body[i]), int(nfr[i]), int(first[i]))
 
 
 def replay(paths: Iterable[str | Path], profile: Profile, sink: Sink | None = None

@@ -20,8 +20,9 @@ from typing import Any
 
 import zmq
 
+from collector.ingest.batch import Batch
 from collector.ingest.binds import BindError, bind_all, check_binds
-from collector.ingest.pipeline import Batch, Pipeline
+from collector.ingest.pipeline import Pipeline
 from collector.ingest.stops import StopPolicy
 from collector.report.liveview import NullView, StatusView
 from collector.sinks.health_pub import HealthPublisher

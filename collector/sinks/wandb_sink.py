@@ -25,20 +25,15 @@ the sink infers nothing. A stop decision (``StopRecord``) writes the summary's
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import netrc
 import os
 import queue
-import re
 import threading
 import time
-from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 from collector.records import (
     RAISED,
@@ -54,17 +49,21 @@ from collector.records import (
     StopRecord,
     SummaryRecord,
 )
+from collector.sinks.wandb_setup import (
+    BASE_SETTINGS,
+    AlertGate,
+    resolve_mode,
+    supersede_offline,
+    wandb_run_id,
+)
 from collector.sinks.wandb_views import (
-    STEP_AXIS,
-    STEP_METRICS,
     define_step_axes,
     picture_entry,
     step_rows,
 )
 from collector.text import printable
 
-__all__ = ["EVENT_COLUMNS", "STEP_AXIS", "STEP_METRICS", "WandbSink", "resolve_mode",
-           "wandb_run_id"]
+__all__ = ["EVENT_COLUMNS", "WandbSink"]
 
 _log = logging.getLogger("trainwatch.wandb")
 
@@ -76,61 +75,7 @@ SUMMARY_AGGREGATIONS = {
     "validation/knee_healthy": "last",
     "validation/grf_healthy": "last",
 }
-# wandb.Settings for a sidecar: no console capture, no code or git snapshot, and no
-# system metrics or machine metadata (they would describe the collector's host, not the
-# training job's).
-_BASE_SETTINGS: dict[str, Any] = {
-    "silent": True, "quiet": True, "console": "off", "save_code": False,
-    "disable_code": True, "disable_git": True, "disable_job_creation": True,
-    "x_disable_stats": True, "x_disable_meta": True, "x_disable_machine_info": True,
-    "x_save_requirements": False, "reinit": "create_new",
-}
 _STOP = object()
-
-
-def wandb_run_id(run: str) -> str:
-    """A wandb run id for a trainwatch run id: the same string when it is already safe.
-
-    Characters outside ``[A-Za-z0-9_-]`` become ``-``; a changed or over-long id gets a
-    hash of the original so that two runs never share a wandb id.
-    """
-    clean = re.sub(r"[^A-Za-z0-9_-]", "-", run).strip("-") or "run"
-    if clean == run and len(run) <= 64:
-        return run
-    return f"{clean[:55]}-{hashlib.sha1(run.encode()).hexdigest()[:8]}"
-
-
-def resolve_mode(mode: str | None) -> str:
-    """``mode`` itself, or for None: "online" when an API key is configured, else "offline"."""
-    if mode is not None:
-        if mode not in ("offline", "online", "disabled"):
-            raise ValueError(f"wandb mode must be offline, online or disabled, not {mode!r}")
-        return mode
-    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
-        return "online"
-    host = urlsplit(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai").netloc
-    path = os.environ.get("NETRC") or os.path.expanduser("~/.netrc")
-    try:
-        creds = netrc.netrc(path).authenticators(host)
-    except (OSError, netrc.NetrcParseError):
-        return "offline"
-    return "online" if creds and creds[2] else "offline"
-
-
-class _AlertGate:
-    """At most ``per_min`` alerts a minute, over every run of the sink."""
-
-    def __init__(self, per_min: int) -> None:
-        self.per_min = per_min
-        self._sent: deque[float] = deque()
-
-    def allow(self, now: float) -> bool:
-        while self._sent and now - self._sent[0] >= 60.0:
-            self._sent.popleft()
-        if len(self._sent) >= self.per_min:
-            return False
-        self._sent.append(now)
-        return True
 
 
 @dataclass
@@ -179,7 +124,7 @@ class WandbSink:
         self._project, self._entity, self._group = project, entity, group
         self._settings = {"mode": self.mode, "finish_timeout": finish_timeout_s,
                           **(settings or {})}
-        self._gate = _AlertGate(alerts_per_min)
+        self._gate = AlertGate(alerts_per_min)
         self._log_every_s = log_every_s
         self._block = block_when_full
         self._alerts = self.mode == "online" if alerts is None else alerts
@@ -307,8 +252,8 @@ class WandbSink:
         sweep_id = env.get("WANDB_SWEEP_ID") or None
         # Inside a sweep, as in wandb.init, the agent's project and entity win over flags.
         first = (lambda mine, name: env.get(name) or pick(mine, name)) if sweep_id else pick
-        known = getattr(wandb.Settings, "model_fields", _BASE_SETTINGS)  # older wandb: fewer
-        options = {k: v for k, v in _BASE_SETTINGS.items() if k in known} | self._settings
+        known = getattr(wandb.Settings, "model_fields", BASE_SETTINGS)  # older wandb: fewer
+        options = {k: v for k, v in BASE_SETTINGS.items() if k in known} | self._settings
         if sweep_id:
             options["sweep_id"] = sweep_id  # per run; WANDB_SWEEP_ID is read once per process
         tags = [t.strip() for t in env.get("WANDB_TAGS", "").split(",") if t.strip()]
@@ -316,7 +261,7 @@ class WandbSink:
         resume = "allow" if reopen else None
         if self._resume and wid not in self._owners.values():
             if self.mode == "offline":
-                self._supersede(wid)
+                supersede_offline(self.dir, wid)
             else:
                 resume = "allow"
         self._owners[wid] = run_id
@@ -344,14 +289,6 @@ class WandbSink:
                        "writes to; it gets its own id %s", printable(run_id), printable(asked),
                        printable(owner), wid)
         return wid
-
-    def _supersede(self, wid: str) -> None:
-        """Set an earlier session's offline directories of this run aside (renamed)."""
-        root = self.dir if self.dir is not None else Path(os.environ.get("WANDB_DIR") or ".")
-        for base in (root, root / "wandb"):
-            for d in base.glob(f"offline-run-*-{wid}"):
-                d.rename(d.with_name(f"superseded-{d.name}"))
-                _log.info("wandb: %s set aside; the run is rebuilt from the recording", d)
 
     # --- one handler per record type ----------------------------------------------------
     def _on_run(self, run_id: str, state: _Run, record: RunRecord) -> None:
