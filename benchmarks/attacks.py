@@ -125,35 +125,11 @@ def check_bind_bypass(tmp: Path, c: Any) -> None:
 
 # -- a disk that fills ----------------------------------------------------------------------
 def check_disk_fills(tmp: Path, c: Any) -> None:
-    import os
-
     with harness.small_disk(tmp / "disk", 1 << 20) as disk:
-        if disk is not None:
-            filler = disk / "filler"
-            st = os.statvfs(disk)
-            filler.write_bytes(b"\0" * (st.f_bavail * st.f_frsize - 120_000))
-            rec, limit, mode = disk / "run.twrec", None, "tmpfs"
-        else:  # no root: the kernel's file size limit fills "the disk" instead
-            filler, rec, limit, mode = None, tmp / "run.twrec", 120_000, "file size limit"
-        col = harness.CollectorProc(tmp, f"ipc://{tmp}/c.sock", "--once", "--quiet", "1",
-                                    record=rec, file_size_limit=limit).start()
-        outs = {r: tmp / f"rank{r}.json" for r in range(2)}
-        procs = [harness.start_rank(col.endpoint, "fills", r, 2, outs[r], steps=240,
-                                    steps_per_epoch=20, val_every=1, val_shape="16,32,8",
-                                    step_sleep=0.02, duration_s=120) for r in range(2)]
-        try:
-            deadline = time.monotonic() + 90
-            while "cannot write the recording" not in col.log_text() \
-                    and time.monotonic() < deadline and procs[0].poll() is None:
-                time.sleep(0.05)
-            mid_run = procs[0].poll() is None
-            if filler is not None:
-                filler.unlink()  # room again, the ranks still training
-            codes = harness.wait_all(procs, 150)
-            col_code = col.wait(60)
-        finally:
-            harness.reap(procs)
-        info = harness.inspect(rec)
+        run = harness.disk_fill_run(tmp, disk)
+        info = harness.inspect(run.rec)
+    col, outs, codes, col_code, mid_run, mode = (run.col, run.outs, run.codes, run.col_code,
+                                                 run.full_mid_run, run.mode)
     log = col.log_text()
     found = re.findall(r"closed: (\d+) records written, unrecorded (\d+) \(of (\d+)\)", log)
     written, unrecorded, appended = map(int, found[-1]) if found else (-1, -1, -2)
@@ -174,7 +150,7 @@ def check_disk_fills(tmp: Path, c: Any) -> None:
            f"the file reads back {info['records']} records ({info['corrupted']} corrupted), "
            f"{written} counted written")
     c.need(c.figures["error_lines"] == 1, "the write error was not logged exactly once")
-    c.losses = {"fills/all": {"lost_beyond_reported": sent - appended,
+    c.losses = {"fills/all": {"lost_beyond_reported": sent - (appended - 1),
                               "gaps_minus_drops": None if gaps is None else gaps - dropped}}
 
 

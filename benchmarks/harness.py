@@ -27,7 +27,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 ROOT = Path(__file__).resolve().parent.parent
 RANK_WORKER = ROOT / "benchmarks" / "rank_worker.py"
@@ -148,6 +148,56 @@ def small_disk(where: Path, size_bytes: int) -> Iterator[Path | None]:
         yield where
     finally:
         subprocess.run(["umount", "-l", str(where)], capture_output=True, timeout=30)
+
+
+def fill(disk: Path, leave: int) -> Path:
+    """A file taking all but ``leave`` bytes of the filesystem at ``disk``."""
+    filler = disk / "filler"
+    st = os.statvfs(disk)
+    filler.write_bytes(b"\0" * max(0, st.f_bavail * st.f_frsize - leave))
+    return filler
+
+
+class DiskFillRun(NamedTuple):
+    """What ``disk_fill_run`` saw: the collector, its recording, the ranks' outputs and
+    exit codes, whether the disk filled while the ranks still trained, and how."""
+
+    col: CollectorProc
+    rec: Path
+    outs: dict[int, Path]
+    codes: list[int | None]
+    col_code: int | None
+    full_mid_run: bool
+    mode: str  # "tmpfs" (a real full filesystem) or "file size limit" (no mount allowed)
+
+
+def disk_fill_run(tmp: Path, disk: Path | None, leave: int = 120_000) -> DiskFillRun:
+    """Two real ranks training into a real collector whose recording's disk fills mid-run
+    (``disk``: a ``small_disk`` mount, filled up to ``leave`` bytes, freed again once the
+    collector said it cannot write) or, without a mount, whose file size limit is reached."""
+    if disk is not None:
+        filler, rec, limit, mode = fill(disk, leave), disk / "run.twrec", None, "tmpfs"
+    else:
+        filler, rec, limit, mode = None, tmp / "run.twrec", leave, "file size limit"
+    col = CollectorProc(tmp, f"ipc://{tmp}/c.sock", "--once", "--quiet", "1", record=rec,
+                        file_size_limit=limit).start()
+    outs = {r: tmp / f"rank{r}.json" for r in range(2)}
+    procs = [start_rank(col.endpoint, "fills", r, 2, outs[r], steps=240, steps_per_epoch=20,
+                        val_every=1, val_shape="16,32,8", step_sleep=0.02, duration_s=120)
+             for r in range(2)]
+    try:
+        deadline = time.monotonic() + 90
+        while "cannot write the recording" not in col.log_text() \
+                and time.monotonic() < deadline and procs[0].poll() is None:
+            time.sleep(0.05)
+        full_mid_run = procs[0].poll() is None
+        if filler is not None:
+            filler.unlink()  # room again, the ranks still training
+        codes = wait_all(procs, 150)
+        col_code = col.wait(60)
+    finally:
+        reap(procs)
+    return DiskFillRun(col, rec, outs, codes, col_code, full_mid_run, mode)
 
 
 def rss_kb(pid: int) -> int | None:

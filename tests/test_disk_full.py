@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
-import time
 from pathlib import Path
 
 import harness
@@ -28,14 +26,6 @@ def _payload(i: int, size: int) -> bytes:
     return i.to_bytes(4, "little") * (size // 4)
 
 
-def _fill(disk: Path, leave: int) -> Path:
-    """A file taking all but ``leave`` bytes of the filesystem."""
-    filler = disk / "filler"
-    st = os.statvfs(disk)
-    filler.write_bytes(b"\0" * max(0, st.f_bavail * st.f_frsize - leave))
-    return filler
-
-
 def _read_back(path: Path) -> tuple[list[int], ReadStats]:
     st = ReadStats()
     ids = [int.from_bytes(bytes(fr[0][:4]), "little") for _, fr in read_records(path, st)]
@@ -46,7 +36,7 @@ def test_the_writer_on_a_disk_that_fills_and_frees(tmp_path, caplog):
     with harness.small_disk(tmp_path / "disk", MiB) as disk:
         if disk is None:
             pytest.skip("mounting a tmpfs needs root (the collector test below falls back)")
-        filler = _fill(disk, 100_000)  # room for 1.6 flushes: the second is cut short
+        filler = harness.fill(disk, 100_000)  # room for 1.6 flushes: the second is cut short
         w = RecordWriter(disk / "r.twrec")
         caplog.set_level(logging.INFO, "trainwatch.recording")
         cut_flushes = 0
@@ -85,7 +75,7 @@ def test_a_nearly_full_disk_that_takes_small_writes_is_two_lines_not_a_flood(tmp
     with harness.small_disk(tmp_path / "disk", MiB) as disk:
         if disk is None:
             pytest.skip("mounting a tmpfs needs root")
-        _fill(disk, 16_384)
+        harness.fill(disk, 16_384)
         w = RecordWriter(disk / "r.twrec")
         caplog.set_level(logging.INFO, "trainwatch.recording")
         for i in range(41):  # small records that fit, between big ones that never do
@@ -110,29 +100,9 @@ def test_a_collector_whose_disk_fills_mid_run(tmp_path):
 
 
 def _collector_on_a_filling_disk(tmp_path: Path, disk: Path | None) -> None:
-    if disk is not None:
-        filler = _fill(disk, 120_000)
-        rec, limit = disk / "run.twrec", None
-    else:  # no mount: the kernel's file size limit cuts the recording off instead
-        filler, rec, limit = None, tmp_path / "run.twrec", 120_000
-    col = harness.CollectorProc(tmp_path, f"ipc://{tmp_path}/c.sock", "--once", "--quiet",
-                                "1", record=rec, file_size_limit=limit).start()
-    outs = {r: tmp_path / f"rank{r}.json" for r in range(2)}
-    procs = [harness.start_rank(col.endpoint, "fills", r, 2, outs[r], steps=240,
-                                steps_per_epoch=20, val_every=1, val_shape="16,32,8",
-                                step_sleep=0.02, duration_s=120) for r in range(2)]
-    try:
-        deadline = time.monotonic() + 90
-        while "cannot write the recording" not in col.log_text() \
-                and time.monotonic() < deadline and procs[0].poll() is None:
-            time.sleep(0.05)
-        full_mid_run = procs[0].poll() is None
-        if filler is not None:
-            filler.unlink()  # the disk has room again while the ranks train on
-        codes = harness.wait_all(procs, 150)
-        col_code = col.wait(60)
-    finally:
-        harness.reap(procs)
+    run = harness.disk_fill_run(tmp_path, disk)
+    col, rec, outs, codes, col_code = run.col, run.rec, run.outs, run.codes, run.col_code
+    filler, full_mid_run = disk, run.full_mid_run  # with a mount, the disk was freed again
     log = col.log_text()
     assert codes == [0, 0] and col_code == 0, log[-3000:]
     assert full_mid_run, "the run ended before the disk filled"
