@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -40,6 +41,12 @@ def _outputs(args: argparse.Namespace, profile: Profile, default_wandb: str | No
     mode = args.wandb_mode or default_wandb
     if mode != "disabled":
         from collector.sinks.wandb_sink import WandbSink
+
+        # A wandb-core service inherited from whoever started this process (a training
+        # script that called wandb.init sets WANDB_SERVICE for its children) is not ours:
+        # our runs would live and die with it, and a run left open there by a collector
+        # that was killed would refuse its own resume ("run ID ... is in use").
+        os.environ.pop("WANDB_SERVICE", None)
 
         sinks.append(WandbSink(project=args.wandb_project, entity=args.wandb_entity,
                                group=args.wandb_group, mode=mode, dir=args.wandb_dir,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import signal
 import subprocess
@@ -18,7 +19,21 @@ from support.wandb_readback import find_offline_runs, read_offline_run
 EPOCHS = 6
 
 
-def test_sigkill_and_restart_keep_every_output_exactly_once(tmp_path):
+def _inherited_wandb_service(tmp_path, monkeypatch) -> str:
+    """What a process that used wandb hands its children: WANDB_SERVICE, the address of its
+    wandb-core. Both collector sessions below inherit it; each must use a core of its own
+    (in a shared one, the killed session's run stays open and refuses the resume)."""
+    import wandb
+
+    monkeypatch.delenv("WANDB_SERVICE", raising=False)
+    run = wandb.init(mode="offline", dir=str(tmp_path), project="parent",
+                     settings=wandb.Settings(silent=True, console="off"))
+    run.finish()
+    return os.environ["WANDB_SERVICE"]
+
+
+def test_sigkill_and_restart_keep_every_output_exactly_once(tmp_path, monkeypatch):
+    assert _inherited_wandb_service(tmp_path / "parent", monkeypatch) in env().values()
     ep = free_tcp()
     wandb_dir = tmp_path / "wandb"
     opts = ("--epoch-timeout", "30", "--wandb-mode", "offline", "--wandb-dir", str(wandb_dir))
