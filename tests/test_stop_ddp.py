@@ -18,6 +18,8 @@ from support.wandb_readback import find_offline_runs, read_offline_run
 WORKER = ROOT / "tests" / "workers" / "ddp_stop.py"
 EPOCHS, STEPS, SLEEP = 8, 60, 0.02
 EXPLODE = "3-8"  # gradient_explosion is diagnosed when epoch 3 closes
+# Runs that must not stop need only see the diagnosis and go on past it: shorter
+SHORT, SHORT_EXPLODE = 5, "3-5"
 DIAGNOSIS = "diagnosis/gradient_explosion"
 # 1 s of steps (~20 at the workers' rate) ahead of where the ranks are: well above the
 # back-channel's latency (milliseconds), well inside an epoch (60 steps, ~3 s)
@@ -30,14 +32,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def job(tmp, endpoint: str, run: str, world: int = 2, timeout: float = 180, **opts) -> list[dict]:
+def job(tmp, endpoint: str, run: str, world: int = 2, timeout: float = 180,
+        epochs: int = EPOCHS, **opts) -> list[dict]:
     """A ``world``-rank gloo job of ddp_stop.py workers; each rank's report."""
     port = free_port()
     procs = []
     for r in range(world):
         args = [sys.executable, str(WORKER), "--endpoint", endpoint, "--run", run, "--rank",
                 str(r), "--world", str(world), "--master-port", str(port), "--out",
-                str(tmp / f"{run}{r}.json"), "--epochs", str(EPOCHS), "--steps", str(STEPS),
+                str(tmp / f"{run}{r}.json"), "--epochs", str(epochs), "--steps", str(STEPS),
                 "--step-sleep", str(SLEEP)]
         for k, v in opts.items():
             args += [f"--{k.replace('_', '-')}"] + ([] if v is True else [str(v)])
@@ -126,17 +129,18 @@ def test_a_replay_gives_the_same_records_byte_for_byte(stopped, tmp_path):
     assert b'"type":"stop"' in out.read_bytes()
 
 
-def _ran_to_the_end(ranks: list[dict]) -> None:
+def _ran_to_the_end(ranks: list[dict], epochs: int = SHORT) -> None:
     for r in ranks:
-        assert not r["stopped"] and r["steps"] == EPOCHS * STEPS and r["epochs_done"] == EPOCHS
+        assert not r["stopped"] and r["steps"] == epochs * STEPS and r["epochs_done"] == epochs
         assert r["stop_step"] is None
         # never waited: a step's log_step + should_stop is microseconds; the whole loop is
-        # its steps' sleeps and compute (~10 s here), nowhere near a wait per step
+        # its steps' sleeps and compute (~6 s here), nowhere near a wait per step
         assert r["max_call_s"] < 0.5 and r["loop_s"] < 90.0
 
 
 def test_with_no_collector_training_runs_to_its_end_and_never_waits(tmp_path):
-    ranks = job(tmp_path, f"ipc://{tmp_path}/nobody.sock", "alone", explode=EXPLODE)
+    ranks = job(tmp_path, f"ipc://{tmp_path}/nobody.sock", "alone", epochs=SHORT,
+                explode=SHORT_EXPLODE)
     _ran_to_the_end(ranks)
     for r in ranks:
         assert r["level"] == "unknown" and r["stats"]["health"]["received"] == 0
@@ -152,7 +156,7 @@ def test_with_the_back_channel_blocked_training_runs_to_its_end(tmp_path, blocke
     else:
         col = stop_collector(tmp_path, "--stop-on", DIAGNOSIS)
         opts = {"health_endpoint": f"ipc://{tmp_path}/nothing.health"}
-    ranks = job(tmp_path, col.endpoint, "blocked", explode=EXPLODE, **opts)
+    ranks = job(tmp_path, col.endpoint, "blocked", epochs=SHORT, explode=SHORT_EXPLODE, **opts)
     assert col.wait(120) == 0, col.log.read_text()[-3000:]
     _ran_to_the_end(ranks)
     recs = col.records()
@@ -165,12 +169,12 @@ def test_with_the_back_channel_blocked_training_runs_to_its_end(tmp_path, blocke
 
 def test_a_healthy_run_stays_healthy(tmp_path):
     col = stop_collector(tmp_path, "--stop-on", DIAGNOSIS)
-    ranks = job(tmp_path, col.endpoint, "healthy", settle=10.0)
+    ranks = job(tmp_path, col.endpoint, "healthy", epochs=SHORT, settle=10.0)
     assert col.wait(120) == 0, col.log.read_text()[-3000:]
     _ran_to_the_end(ranks)
     assert not [r for r in col.records() if r["type"] == "stop"]
     for r in ranks:
         assert r["level"] == "healthy" and r["raised"] == [] and r["findings"] == []
-        assert r["health_epoch"] == EPOCHS  # it heard every epoch's verdict
+        assert r["health_epoch"] == SHORT  # it heard every epoch's verdict
         known = [lv for lv in r["levels"] if lv != "unknown"]
         assert known and set(known) == {"healthy"}
