@@ -140,7 +140,7 @@ def bench_client(tmp: Path, rounds: int = 7, steps: int = 150) -> dict:
 def _serve(endpoint: str) -> None:
     """A collector as ``trainwatch collect`` runs one, back-channel included (the client's
     sender thread then hears its run's state every second)."""
-    from collector.analysis.profile import load_profile
+    from collector.analysis.profile_load import load_profile
     from collector.ingest.pipeline import Pipeline
     from collector.ingest.server import Collector
     from collector.sinks.health_pub import HealthPublisher
@@ -224,7 +224,7 @@ def _receive(endpoint: str, total: int, pipeline: object | None, frames: bool = 
 
 def bench_ingest(tmp: Path, total: int = 200_000, rounds: int = 5) -> dict:
     """Rounds of (bare, bare zero-copy, collector), interleaved so drift hits all alike."""
-    from collector.analysis.profile import load_profile
+    from collector.analysis.profile_load import load_profile
     from collector.ingest.pipeline import Pipeline
     from collector.recording.writer import RecordWriter
 
@@ -247,7 +247,7 @@ def bench_ingest(tmp: Path, total: int = 200_000, rounds: int = 5) -> dict:
 
 # -- 3. replay -----------------------------------------------------------------------------
 def bench_replay(rec: Path) -> dict:
-    from collector.analysis.profile import load_profile
+    from collector.analysis.profile_load import load_profile
     from collector.ingest.pipeline import Pipeline
 
     best = 0.0

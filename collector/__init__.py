@@ -18,7 +18,7 @@ from typing import Any
 __all__ = ["Pipeline", "RecordWriter", "load_profile", "read_records", "replay"]
 
 _WHERE = {"Pipeline": "ingest.pipeline", "replay": "ingest.pipeline",
-          "load_profile": "analysis.profile", "RecordWriter": "recording.writer",
+          "load_profile": "analysis.profile_load", "RecordWriter": "recording.writer",
           "read_records": "recording.reader"}
 
 

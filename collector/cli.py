@@ -64,7 +64,8 @@ def _sinks(args: argparse.Namespace, profile: Profile, default_wandb: str | None
 
 
 def _profile(args: argparse.Namespace) -> Profile:
-    from collector.analysis.profile import ProfileError, load_profile, with_stop_on
+    from collector.analysis.profile import ProfileError
+    from collector.analysis.profile_load import load_profile, with_stop_on
 
     try:
         profile = load_profile(args.rules)
@@ -100,23 +101,23 @@ def cmd_collect(args: argparse.Namespace) -> int:
     from collector.ingest.limits import Limits
     from collector.ingest.pipeline import Pipeline
     from collector.ingest.server import Collector
-    from collector.ingest.stops import StopPolicy
+    from collector.ingest.stops import NO_STOPS, StopPolicy
     from collector.recording.writer import NullRecorder, RecordWriter
     from collector.report.liveview import NullView, make_view
     from collector.sinks.console import EventLogSink
-    from collector.sinks.health_pub import HealthPublisher
+    from collector.sinks.health_pub import NULL_PUBLISHER, HealthPublisher
 
     health_binds = _health_binds(args.bind, args.health_bind, "--health-bind")
     # Refused before the recording is touched; the server checks again and warns.
     check_binds(args.bind + health_binds, bool(args.curve_keys), args.insecure, warn=False)
     profile = _profile(args)
-    health = HealthPublisher() if health_binds else None
-    actions = StopPolicy(profile) if profile.stop_on else None
-    if actions is not None and health is None:
+    health = HealthPublisher() if health_binds else NULL_PUBLISHER
+    actions = StopPolicy(profile) if profile.stop_on else NO_STOPS
+    if profile.stop_on and not health_binds:
         logging.getLogger("trainwatch.collector").warning(
             "stops on %s are decided and recorded, but with no back-channel no rank hears "
             "of them", ", ".join(profile.stop_on))
-    feedback: list[Sink] = [s for s in (health, actions) if s is not None]
+    feedback: list[Sink] = [health, actions]
     earlier = Path(args.record) if args.record else None
     resume = earlier is not None and earlier.exists() and earlier.stat().st_size > 0
     outputs = _outputs(args, profile, None, resume=resume)

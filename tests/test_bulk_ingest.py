@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from collector.analysis.profile import load_profile
+from collector.analysis.profile_load import load_profile
 from collector.ingest import stepscan
 from collector.ingest.batch import Batch
 from collector.ingest.pipeline import Pipeline, replay

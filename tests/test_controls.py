@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from support.wandb_readback import find_offline_runs, read_offline_run
 
-from collector.analysis.profile import load_profile
+from collector.analysis.profile_load import load_profile
 from collector.ingest.pipeline import Pipeline
 from collector.recording import controls
 from collector.recording.format import pack_record

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from collector.analysis.profile import load_profile
+from collector.analysis.profile_load import load_profile
 from collector.report import dashboard
 from collector.report.dashboard import (
     WorkspaceError,

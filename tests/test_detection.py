@@ -18,7 +18,7 @@ from test_rules import CONSTS, epoch, events_of, health, judge, samples
 from collector.analysis.diversity import DataReference
 from collector.analysis.health import RunHealth
 from collector.analysis.inputs import DataConstants, EpochInput, StepSeries, ValidationInput
-from collector.analysis.profile import PACKAGED, load_profile
+from collector.analysis.profile_load import PACKAGED, load_profile
 from collector.analysis.rules import RuleEngine
 from collector.analysis.samples import TrainingSubsample, diversity_config
 from examples.gait_diffusion import data as gd

@@ -25,7 +25,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from collector.analysis.profile import load_profile
+from collector.analysis.profile_load import load_profile
 from collector.ingest.batch import Batch
 from collector.ingest.pipeline import Pipeline, replay
 from collector.recording.writer import RecordWriter
@@ -443,7 +443,7 @@ resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))
 sys.path.insert(0, sys.argv[1])
 from collector.ingest.batch import Batch
 from collector.ingest.pipeline import Pipeline, replay
-from collector.analysis.profile import load_profile
+from collector.analysis.profile_load import load_profile
 from collector.recording.writer import RecordWriter
 from trainer_client import wire
 p = Pipeline(load_profile(None))

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from support.wire_runs import run_messages
 
-from collector.analysis.profile import load_profile, with_stop_on
+from collector.analysis.profile_load import load_profile, with_stop_on
 from collector.ingest.pipeline import Pipeline
 from collector.ingest.stops import StopPolicy
 from collector.recording.writer import RecordWriter

@@ -25,7 +25,7 @@ from collector.analysis.kernels import (
     reduce_moments,
     window_median,
 )
-from collector.analysis.profile import load_profile
+from collector.analysis.profile_load import load_profile
 from collector.analysis.stats import epoch_stats
 
 SETTINGS = settings(max_examples=60, deadline=None,

@@ -26,7 +26,7 @@ from collector.analysis.pictures import (
     positions,
     sample_picture,
 )
-from collector.analysis.profile import load_profile
+from collector.analysis.profile_load import load_profile
 from collector.analysis.samples import TrainingSubsample
 from collector.records import SamplesPictureRecord
 from collector.report.html import render_report

@@ -10,7 +10,8 @@ from test_rules import judge
 
 from collector.analysis.health import RunHealth
 from collector.analysis.inputs import EpochInput, StepSeries
-from collector.analysis.profile import DEFAULT_PATH, ProfileError, load_profile
+from collector.analysis.profile import ProfileError
+from collector.analysis.profile_load import DEFAULT_PATH, load_profile
 
 
 def _write(tmp_path, text: str) -> str:
@@ -167,7 +168,7 @@ def test_unreadable_and_malformed_files(tmp_path):
 
 
 def test_actions_stop_nothing_by_default_and_name_findings(tmp_path):
-    from collector.analysis.profile import with_stop_on
+    from collector.analysis.profile_load import with_stop_on
 
     for name in (None, "generic"):
         p = load_profile(name)

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from support.wire_runs import collapsed, records, rising, run_messages
 
-from collector.analysis.profile import load_profile
+from collector.analysis.profile_load import load_profile
 from collector.report.collapse import collapse_keys
 from collector.report.html import LEVEL_TEXT, render_report, write_report
 from collector.report.model import epoch_spans, group_runs, loss_trend, summary_row, verdict

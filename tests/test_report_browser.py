@@ -25,7 +25,7 @@ import pytest
 from conftest import ROOT, CollectorProc, env, finish, start_trainer
 from support.wire_runs import collapsed, records, rising, run_messages
 
-from collector.analysis.profile import load_profile
+from collector.analysis.profile_load import load_profile
 from collector.report.html import LEVEL_TEXT, write_report
 from collector.report.model import group_runs, verdict
 

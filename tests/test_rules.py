@@ -14,7 +14,7 @@ import pytest
 
 from collector.analysis.health import RunHealth
 from collector.analysis.inputs import DataConstants, EpochInput, StepSeries, ValidationInput
-from collector.analysis.profile import load_profile
+from collector.analysis.profile_load import load_profile
 
 PROFILE = load_profile(None)
 CHANNELS = ["knee_angle_r", "grf_vz_r", "hip_r"]

@@ -24,7 +24,8 @@ import pytest
 from conftest import ROOT, CollectorProc, env, finish, rank_list
 from test_diversity import ref_across_std, ref_distances, ref_w1
 
-from collector.analysis.profile import Profile, load_profile
+from collector.analysis.profile import Profile
+from collector.analysis.profile_load import load_profile
 
 SCENARIOS = ROOT / "tests" / "workers" / "scenarios.py"
 PHASES = """[phases]

@@ -29,23 +29,20 @@ rank turns at the same step) read what the sender thread heard, without waiting.
 
 from __future__ import annotations
 
-import atexit
 import itertools
 import logging
 import os
 import random
 import socket
-import sys
 import threading
 import time
-import weakref
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from . import identity, reductions, wire
+from . import identity, lifecycle, reductions, wire
 from .curve import load_client_keys
 from .feedback import Feedback, Finding, Health, HealthSocket
 from .sender import CONNECT_WARN_S, FIRST_PEER_S, Item, Sender
@@ -65,7 +62,6 @@ from .tensors import (
 __all__ = ["TrainerClient"]
 
 _log = logging.getLogger("trainwatch.client")
-_clients: weakref.WeakSet[TrainerClient] = weakref.WeakSet()
 
 _CHUNK_BYTES = 8 << 20  # data-stats chunks: big enough to amortise, small enough to interleave
 # log_data_stats ships at most this many rows (positions along every dim but the channel
@@ -73,34 +69,6 @@ _CHUNK_BYTES = 8 << 20  # data-stats chunks: big enough to amortise, small enoug
 # std, and a CIFAR-sized image set (5*10^7 pixel rows) would otherwise travel whole.
 DATA_MAX_ROWS = 1_000_000
 LOCAL_WAIT_S = 60.0  # a local collector's start-up (Python, numba) before it connects
-
-
-def _after_fork_in_child() -> None:
-    # The sender thread did not survive the fork and the socket belongs to the parent:
-    # a forked DataLoader worker must go quiet, never send.
-    for client in list(_clients):
-        client._forked()
-
-
-def _close_all_at_exit() -> None:
-    # A script that forgets close() still says goodbye, so the collector sees the run end,
-    # and how: a Ctrl-C or an exception that ended the script (Python keeps the last
-    # unhandled one in sys.last_exc) makes it an interrupted or crashed run.
-    ended = _how_it_ended(getattr(sys, "last_exc", None) or getattr(sys, "last_value", None))
-    for client in list(_clients):
-        client.close(timeout=2.0, ended=ended)
-
-
-def _how_it_ended(exc: BaseException | None) -> str:
-    if exc is None:
-        return "finished"
-    if isinstance(exc, KeyboardInterrupt):
-        return "interrupted"
-    return f"crashed: {type(exc).__name__}"
-
-
-os.register_at_fork(after_in_child=_after_fork_in_child)
-atexit.register(_close_all_at_exit)
 
 
 class TrainerClient:
@@ -167,7 +135,7 @@ class TrainerClient:
             if self._local is not None:
                 self._local.stop()
             raise
-        _clients.add(self)
+        lifecycle.track(self)
         body = {"host": socket.gethostname(), "pid": self._pid, "env": identity.wandb_env()}
         self._enqueue(wire.KIND_HELLO, lambda _h: (body, []))
 
@@ -418,7 +386,7 @@ class TrainerClient:
         return self
 
     def __exit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
-        self.close(ended=_how_it_ended(exc))
+        self.close(ended=lifecycle.how_it_ended(exc))
 
     # -- internals -------------------------------------------------------------------
     def _enqueue(self, kind: int, build: Any, host: Any = None, event: Any = None,

@@ -36,7 +36,8 @@ import numpy as np
 from collector.analysis.datastats import DataStatsAccumulator
 from collector.analysis.inputs import AMEND_EPOCHS, DataConstants, EpochInput, ValidationInput
 from collector.analysis.pictures import sample_picture
-from collector.analysis.profile import Profile, load_profile, matches
+from collector.analysis.profile import Profile, matches
+from collector.analysis.profile_load import load_profile
 from collector.analysis.rules import RuleEngine
 from collector.analysis.samples import TrainingSubsample, sample_metrics
 from collector.analysis.stats import EpochStats, epoch_stats, validation_metrics

@@ -12,12 +12,16 @@ from __future__ import annotations
 import time
 from typing import NamedTuple
 
+import numpy as np
+
+from collector.analysis.inputs import DataConstants, ValidationInput, raw_array
 from collector.ingest.columns import StepColumns
 from collector.ingest.counters import RankCounters, StepClock, StreamCounters
+from collector.ingest.facts import DataChunk
 from collector.ingest.limits import RUN_BYTES, STEP_BYTES
 from trainer_client import wire
 
-__all__ = ["RankState", "RunState", "Stream", "StreamState", "step_bytes"]
+__all__ = ["RankState", "RunState", "Stream", "StreamState", "message_cost", "step_bytes"]
 
 
 def step_bytes(n_values: int, n_norms: int) -> int:
@@ -128,3 +132,88 @@ class RunState:
         self.tally.pop(epoch, None)
         self.pending_since.pop(epoch, None)
         return self.pending.pop(epoch, {})
+
+    def pool(self, ready: list[tuple]) -> ValidationInput:
+        """Pool one epoch's samples over the ranks (one dtype and channel count)."""
+        first = ready[-1]
+        same = [v for v in ready if v[0] == first[0] and v[2].dtype == first[2].dtype
+                and v[2].shape[-1] == first[2].shape[-1]]
+        same.sort(key=lambda v: v[1])  # by rank: the figures do not depend on arrival order
+        names = first[3] or self.data_channels or [f"ch{i}" for i in range(first[2].shape[-1])]
+        return ValidationInput(first[0], first[2].dtype, [raw_array(v[2]) for v in same],
+                               list(names))
+
+    def overdue(self, now: float, timeout_s: float, evict_after_s: float) -> list[dict]:
+        """The controls the live clock calls for on this run (see ``State.overdue``)."""
+        if self.finished:
+            if self.finished_seen is None:
+                self.finished_seen = now
+            elif now - self.finished_seen >= evict_after_s:
+                return [{"op": "evict_run", "run": self.run}]
+            return []
+        out = [{"op": "close_epoch", "run": self.run, "epoch": epoch}
+               for epoch, since in sorted(self.pending_since.items()) if now - since >= timeout_s]
+        # Some ranks said goodbye and the rest went quiet: they died. All quiet for much
+        # longer: the whole job died. (Quiet = no new message since a tick.)
+        if self.messages != self.seen[0]:
+            self.seen = (self.messages, now)
+        if now - self.seen[1] >= (timeout_s if self.finished_ranks else 5 * timeout_s):
+            out.append({"op": "finish_run", "run": self.run})
+        return out
+
+    def data_chunk(self, msg: wire.Message) -> DataChunk | None:
+        """A chunk of the training data's sample, or None for another rank's copy, a repeat
+        or a chunk that contradicts chunk 0 (whose constants and channels it keeps)."""
+        body = msg.body
+        consts = None
+        if self.data_rank is None and body["index"] == 0:
+            self.data_rank = msg.rank
+            self.data_count = body["count"]
+            self.data_channels = list(body["channels"])
+            c = {k: np.frombuffer(msg.tensors[k].data, np.float64).copy()
+                 if k in msg.tensors else None for k in ("mean", "std")}
+            consts = DataConstants(self.data_channels, c["mean"], c["std"])
+            if body.get("rows_total") is not None:
+                self.data_rows = (body["rows_total"], body["rows_sent"])
+        if msg.rank != self.data_rank or body["index"] in self.data_seen \
+                or body["index"] >= self.data_count or body["channels"] != self.data_channels:
+            return None
+        self.data_seen.add(body["index"])
+        t = msg.tensors["chunk"]
+        return DataChunk(self.run, raw_array(t), t.dtype, self.data_channels, consts,
+                         len(self.data_seen) == self.data_count, self.data_rows)
+
+    def progress(self) -> tuple[int, float, float] | None:
+        """(highest step, steps per second, wall time of that step) over the current
+        streams of its ranks; None once finished or before any step. The rate is the
+        fastest rank's: a margin from it is never too short."""
+        clocks = [] if self.finished else \
+            [r.current.clock for r in self.ranks.values() if r.current is not None]
+        clocks = [c for c in clocks if c.step >= 0]
+        if not clocks:
+            return None
+        return (max(c.step for c in clocks), max(c.rate() for c in clocks),
+                max(c.wall for c in clocks))
+
+    def status(self) -> dict:
+        """What the live view shows of the run."""
+        return {
+            "epoch": self.last_closed if self.last_closed >= 0 else None,
+            "ranks_connected": sum(1 for r in self.ranks.values() if not r.finished),
+            "world_size": self.world_size,
+            "messages": self.messages,
+            "dropped": sum(r.counters.reported_drops for r in self.ranks.values()),
+            "rejected": sum(self.rejected.values()),
+            "held_bytes": self.held,
+            "finished": self.finished,
+        }
+
+
+def message_cost(msg: wire.Message) -> int:
+    """What a message makes the state hold until its epoch closes (steps and samples)."""
+    if msg.kind == wire.KIND_STEP:
+        pn = msg.tensors.get("param_norms") if msg.tensors else None
+        return step_bytes(len(msg.body[3]), pn.shape[0] if pn is not None else 0)
+    if msg.kind == wire.KIND_VALIDATION:
+        return len(msg.tensors["samples"].data)
+    return 0

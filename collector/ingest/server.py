@@ -23,9 +23,9 @@ import zmq
 from collector.ingest.batch import Batch
 from collector.ingest.binds import BindError, bind_all, check_binds
 from collector.ingest.pipeline import Pipeline
-from collector.ingest.stops import StopPolicy
+from collector.ingest.stops import NO_STOPS, NoStops, StopPolicy
 from collector.report.liveview import NullView, StatusView
-from collector.sinks.health_pub import HealthPublisher
+from collector.sinks.health_pub import NULL_PUBLISHER, HealthPublisher, NullPublisher
 from collector.text import printable
 
 __all__ = ["Collector", "receive"]
@@ -103,12 +103,12 @@ class Collector:
     def __init__(self, binds: list[str], pipeline: Pipeline, curve_keys: str | None = None,
                  once: bool = False, quiet_s: float = 3.0, view: StatusView | None = None,
                  max_msg_bytes: int = 64 << 20, rcvhwm: int = 10_000,
-                 insecure: bool = False, health: HealthPublisher | None = None,
+                 insecure: bool = False, health: HealthPublisher | NullPublisher = NULL_PUBLISHER,
                  health_binds: list[str] | None = None, health_required: bool = False,
-                 actions: StopPolicy | None = None) -> None:
+                 actions: StopPolicy | NoStops = NO_STOPS) -> None:
         self.binds = binds
         self.health = health
-        self.health_binds = list(health_binds or []) if health is not None else []
+        self.health_binds = list(health_binds or [])
         self.health_required = health_required
         self.actions = actions
         self.insecure = insecure  # bind beyond loopback without CURVE (binds.check_binds)
@@ -212,15 +212,14 @@ class Collector:
             if now >= next_tick:
                 next_tick = now + TICK_S
                 self.pipeline.tick(now)
-                if self.actions is not None:  # recorded decisions, like the clock's
-                    for ctl in self.actions.due(self.pipeline.state, time.time()):
-                        self.pipeline.control(ctl)
+                # recorded decisions, like the clock's
+                for ctl in self.actions.due(self.pipeline.state, time.time()):
+                    self.pipeline.control(ctl)
                 self.pipeline.flush()
                 if self._big_since_trim:
                     self._big_since_trim = False
                     _give_back_memory()
-                if self.health is not None:
-                    self.health.tick(now)
+                self.health.tick(now)
                 self._tell_unrecorded()
                 self.view.update(self.status())
                 if self.once and self.pipeline.state.all_finished() \

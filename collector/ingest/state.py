@@ -29,16 +29,13 @@ import numpy as np
 
 from collector.analysis.inputs import (
     AMEND_EPOCHS,
-    DataConstants,
     EpochInput,
     ValidationInput,
-    raw_array,
 )
 from collector.ingest.columns import StepColumns
 from collector.ingest.facts import (
     BadStep,
     ConfigSeen,
-    DataChunk,
     EpochClosed,
     Fact,
     LateValidation,
@@ -49,7 +46,7 @@ from collector.ingest.facts import (
     StopDecided,
 )
 from collector.ingest.limits import RUN_BYTES, STREAM_BYTES, Limits
-from collector.ingest.runs import RankState, RunState, Stream, StreamState, step_bytes
+from collector.ingest.runs import RankState, RunState, Stream, StreamState, message_cost
 from collector.ingest.stepscan import Groups, Steps, stream_key
 from collector.records import Ranks, plain
 from trainer_client import wire
@@ -77,7 +74,7 @@ class State:
         if msg.world_size > lim.max_world_size:
             return "world_size_over_limit"
         run = self.runs.get(msg.run)
-        cost = _cost(msg)
+        cost = message_cost(msg)
         if run is None:
             if len(self.runs) >= lim.max_runs:
                 return "too_many_runs"
@@ -188,7 +185,7 @@ class State:
         if kind == wire.KIND_STEP:
             st.open_steps.add(msg)
             st.clock.note(msg.step, msg.wall_time)
-            cost = _cost(msg)
+            cost = message_cost(msg)
             st.open_bytes += cost
             self._hold(run, cost)
             loss, gn = msg.body[0], msg.body[1]
@@ -211,7 +208,9 @@ class State:
                     cfg["num_params"] = msg.body["num_params"]
                 out.append(ConfigSeen(run.run, plain(cfg)))
         elif kind == wire.KIND_DATA:
-            self._data(run, msg, out)
+            chunk = run.data_chunk(msg)
+            if chunk is not None:
+                out.append(chunk)
         elif kind == wire.KIND_BYE:
             st.finished = True
             ended = msg.body.get("ended")
@@ -282,16 +281,16 @@ class State:
     def _validation_msg(self, run: RunState, msg: wire.Message, out: list[Fact]) -> None:
         epoch = msg.body.get("epoch", msg.epoch)
         entry = (epoch, msg.rank, msg.tensors["samples"], msg.body.get("channels"))
-        self._hold(run, _cost(msg))
+        self._hold(run, message_cost(msg))
         if epoch > run.last_closed:
             run.validations.append(entry)  # joins its epoch when that closes
             return
         if epoch < run.last_closed - AMEND_EPOCHS:
-            self._hold(run, -_cost(msg))
+            self._hold(run, -message_cost(msg))
             return  # too late to amend; the health stage could not judge it again either
         pooled = run.judged_samples.setdefault(epoch, [])  # that epoch is written: amend it
         pooled.append(entry)
-        out.append(LateValidation(run.run, epoch, self._pool(run, pooled)))
+        out.append(LateValidation(run.run, epoch, run.pool(pooled)))
 
     def _validation(self, run: RunState, epoch: int) -> ValidationInput | None:
         """The samples sent for this epoch (and any sent for epochs that never closed)."""
@@ -302,38 +301,7 @@ class State:
             return None
         run.validations = [v for v in run.validations if v[0] > epoch]
         run.judged_samples[epoch] = ready
-        return self._pool(run, ready)
-
-    @staticmethod
-    def _pool(run: RunState, ready: list[tuple]) -> ValidationInput:
-        """Pool one epoch's samples over the ranks (one dtype and channel count)."""
-        first = ready[-1]
-        same = [v for v in ready if v[0] == first[0] and v[2].dtype == first[2].dtype
-                and v[2].shape[-1] == first[2].shape[-1]]
-        same.sort(key=lambda v: v[1])  # by rank: the figures do not depend on arrival order
-        names = first[3] or run.data_channels or [f"ch{i}" for i in range(first[2].shape[-1])]
-        return ValidationInput(first[0], first[2].dtype, [raw_array(v[2]) for v in same],
-                               list(names))
-
-    def _data(self, run: RunState, msg: wire.Message, out: list[Fact]) -> None:
-        body = msg.body
-        consts = None
-        if run.data_rank is None and body["index"] == 0:
-            run.data_rank = msg.rank
-            run.data_count = body["count"]
-            run.data_channels = list(body["channels"])
-            c = {k: np.frombuffer(msg.tensors[k].data, np.float64).copy()
-                 if k in msg.tensors else None for k in ("mean", "std")}
-            consts = DataConstants(run.data_channels, c["mean"], c["std"])
-            if body.get("rows_total") is not None:
-                run.data_rows = (body["rows_total"], body["rows_sent"])
-        if msg.rank != run.data_rank or body["index"] in run.data_seen \
-                or body["index"] >= run.data_count or body["channels"] != run.data_channels:
-            return  # another rank's copy, a repeat, or a chunk that contradicts chunk 0
-        run.data_seen.add(body["index"])
-        t = msg.tensors["chunk"]
-        out.append(DataChunk(run.run, raw_array(t), t.dtype, run.data_channels, consts,
-                             len(run.data_seen) == run.data_count, run.data_rows))
+        return run.pool(ready)
 
     def _note(self, run: RunState, key: str, out: list[Fact], message: str) -> None:
         if key not in run.noted and len(run.noted) < 100:  # once each, and a few at most
@@ -354,25 +322,8 @@ class State:
     def overdue(self, now: float, timeout_s: float) -> list[dict]:
         """Controls the live clock calls for: epochs waited on too long, silent runs, and
         finished runs held long enough."""
-        out = []
-        for run in self.runs.values():
-            if run.finished:
-                if run.finished_seen is None:
-                    run.finished_seen = now
-                elif now - run.finished_seen >= self.limits.evict_after_s:
-                    out.append({"op": "evict_run", "run": run.run})
-                continue
-            for epoch, since in sorted(run.pending_since.items()):
-                if now - since >= timeout_s:
-                    out.append({"op": "close_epoch", "run": run.run, "epoch": epoch})
-            # Some ranks said goodbye and the rest went quiet: they died. All quiet for
-            # much longer: the whole job died. (Quiet = no new message since a tick.)
-            if run.messages != run.seen[0]:
-                run.seen = (run.messages, now)
-            quiet = now - run.seen[1]
-            if quiet >= (timeout_s if run.finished_ranks else 5 * timeout_s):
-                out.append({"op": "finish_run", "run": run.run})
-        return out
+        return [ctl for run in self.runs.values()
+                for ctl in run.overdue(now, timeout_s, self.limits.evict_after_s)]
 
     def control(self, ctl: dict) -> list[Fact]:
         """Apply a decision (from the clock, or replayed); the facts it completes."""
@@ -407,17 +358,9 @@ class State:
         return out
 
     def progress(self, name: str) -> tuple[int, float, float] | None:
-        """(highest step, steps per second, wall time of that step) over the current
-        streams of ``name``'s ranks; None for a run unknown, finished or without steps.
-        The rate is the fastest rank's: a margin from it is never too short."""
+        """``RunState.progress`` of run ``name``; None for a run unknown."""
         run = self.runs.get(name)
-        clocks = [] if run is None or run.finished else \
-            [r.current.clock for r in run.ranks.values() if r.current is not None]
-        clocks = [c for c in clocks if c.step >= 0]
-        if not clocks:
-            return None
-        return (max(c.step for c in clocks), max(c.rate() for c in clocks),
-                max(c.wall for c in clocks))
+        return None if run is None else run.progress()
 
     def _evict(self, run: RunState, out: list[Fact]) -> None:
         del self.runs[run.run]
@@ -467,23 +410,4 @@ class State:
 
     def run_status(self) -> dict[str, dict]:
         """Per run, what the live view shows of the state."""
-        return {name: {
-            "epoch": run.last_closed if run.last_closed >= 0 else None,
-            "ranks_connected": sum(1 for r in run.ranks.values() if not r.finished),
-            "world_size": run.world_size,
-            "messages": run.messages,
-            "dropped": sum(r.counters.reported_drops for r in run.ranks.values()),
-            "rejected": sum(run.rejected.values()),
-            "held_bytes": run.held,
-            "finished": run.finished,
-        } for name, run in self.runs.items()}
-
-
-def _cost(msg: wire.Message) -> int:
-    """What a message makes the state hold until its epoch closes (steps and samples)."""
-    if msg.kind == wire.KIND_STEP:
-        pn = msg.tensors.get("param_norms") if msg.tensors else None
-        return step_bytes(len(msg.body[3]), pn.shape[0] if pn is not None else 0)
-    if msg.kind == wire.KIND_VALIDATION:
-        return len(msg.tensors["samples"].data)
-    return 0
+        return {name: run.status() for name, run in self.runs.items()}

@@ -22,6 +22,7 @@ import math
 from collector.analysis.profile import Profile
 from collector.ingest.state import State
 from collector.records import RAISED, EpochRecord, EventRecord, Record, RunRecord, StopRecord
+from collector.sinks.base import NullSink
 
 __all__ = ["StopPolicy"]
 
@@ -75,3 +76,13 @@ class StopPolicy:
                         "seen": seen, "rate": float(rate)})
             del self._wanted[run]
         return out
+
+
+class NoStops(NullSink):
+    """The stop policy of a profile that stops nothing: reads no record, decides nothing."""
+
+    def due(self, state: State, now_wall: float) -> list[dict]:
+        return []
+
+
+NO_STOPS = NoStops()

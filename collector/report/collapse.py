@@ -15,7 +15,8 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from collector.analysis.profile import Condition, Profile, ProfileError, load_profile
+from collector.analysis.profile import Condition, Profile, ProfileError
+from collector.analysis.profile_load import load_profile
 
 __all__ = ["DOCUMENTED", "SPREAD_METRICS", "collapse_keys", "reads_spread"]
 

@@ -15,7 +15,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from collector.analysis.profile import Profile, load_profile
+from collector.analysis.profile import Profile
+from collector.analysis.profile_load import load_profile
 
 __all__ = ["WorkspaceError", "X_AXIS", "create_workspace", "build_workspace",
            "workspace_spec"]

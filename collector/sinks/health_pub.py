@@ -36,6 +36,7 @@ from collector.records import (
     StopRecord,
     SummaryRecord,
 )
+from collector.sinks.base import NullSink
 from trainer_client.wire import health as hw
 
 __all__ = ["REPUBLISH_S", "HealthPublisher"]
@@ -172,3 +173,17 @@ class HealthPublisher:
     def close(self, timeout_s: float = 10.0) -> None:
         """Send what is left; the server closes the socket."""
         self.flush()
+
+
+class NullPublisher(NullSink):
+    """No back-channel (``--health-bind none``, or none could be bound): nothing to keep,
+    nothing to send."""
+
+    def attach(self, sock: zmq.Socket) -> None:
+        pass
+
+    def tick(self, now: float) -> None:
+        pass
+
+
+NULL_PUBLISHER = NullPublisher()

@@ -15,7 +15,8 @@ from collections.abc import Callable, Iterable
 
 import numpy as np
 
-from collector.analysis.profile import Profile, load_profile
+from collector.analysis.profile import Profile
+from collector.analysis.profile_load import load_profile
 from collector.ingest.pipeline import Pipeline
 from collector.records import Record
 from collector.sinks.jsonl import MemorySink
