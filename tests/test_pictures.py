@@ -11,8 +11,7 @@ import re
 import numpy as np
 import pytest
 from support.gait_cycles import cycles
-from support.wandb_readback import find_offline_runs, read_offline_run
-from support.wire_runs import records, run_messages, typed_records
+from support.wire_runs import offline_wandb_run, records, run_messages, typed_records
 
 from collector.analysis.health import RunHealth
 from collector.analysis.inputs import DataConstants, ValidationInput
@@ -31,7 +30,6 @@ from collector.analysis.samples import TrainingSubsample
 from collector.records import SamplesPictureRecord
 from collector.report.html import render_report
 from collector.sinks.jsonl import dumps
-from collector.sinks.wandb_sink import WandbSink
 from examples.gait_diffusion import data as gd
 
 PROFILE = load_profile(None)
@@ -240,9 +238,6 @@ def test_the_report_draws_what_the_records_hold():
 
 
 def test_wandb_gets_a_plotly_figure_per_picture(tmp_path, monkeypatch):
-    monkeypatch.setenv("WANDB_ERROR_REPORTING", "false")
-    for name in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_DIR", "WANDB_PROJECT"):
-        monkeypatch.delenv(name, raising=False)
     rng = np.random.default_rng(4)
     imgs = rng.random((64, 8, 8, 3)).astype(np.float32)
 
@@ -251,13 +246,7 @@ def test_wandb_gets_a_plotly_figure_per_picture(tmp_path, monkeypatch):
 
     recs = typed_records([run_messages("img", 4, channels=("r", "g", "b"), samples=images,
                                        data=imgs, validate_every=2)])
-    sink = WandbSink(dir=tmp_path, mode="offline")
-    for r in recs:
-        sink.write(r)
-    sink.close(timeout_s=60.0)
-    assert sink.stats["failed"] == 0
-    (run_dir,) = find_offline_runs(tmp_path)
-    run = read_offline_run(run_dir)
+    run_dir, run = offline_wandb_run(recs, tmp_path, monkeypatch)
     rows = [row for row in run["history"] if "pictures/images" in row]
     assert [row["epoch"] for row in rows] == [2, 4]
     assert all("ranks/reporting" in row for row in rows)  # in the row of their epoch

@@ -13,15 +13,13 @@ import math
 
 import numpy as np
 import pytest
-from support.wandb_readback import find_offline_runs, read_offline_run
-from support.wire_runs import STEPS, records, run_messages, typed_records
+from support.wire_runs import STEPS, offline_wandb_run, records, run_messages, typed_records
 
 from collector.analysis.inputs import EpochInput, StepSeries
 from collector.analysis.stepcurve import MAX_BUCKETS, StepCurve
 from collector.records import StepCurveRecord
 from collector.report.steps import step_curve
 from collector.sinks.jsonl import dumps
-from collector.sinks.wandb_sink import WandbSink
 from collector.sinks.wandb_views import STEP_AXIS, STEP_METRICS
 
 
@@ -176,17 +174,8 @@ def test_the_pipeline_emits_the_steps_every_epoch_before_the_summary():
 
 
 def test_wandb_logs_each_point_against_the_trainer_step(tmp_path, monkeypatch):
-    monkeypatch.setenv("WANDB_ERROR_REPORTING", "false")
-    for name in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_DIR", "WANDB_PROJECT"):
-        monkeypatch.delenv(name, raising=False)
     recs = typed_records([run_messages("curves", 5, samples=None, explode=(3,))])
-    sink = WandbSink(dir=tmp_path, mode="offline")
-    for r in recs:
-        sink.write(r)
-    sink.close(timeout_s=60.0)
-    assert sink.stats["failed"] == 0
-    (run_dir,) = find_offline_runs(tmp_path)
-    run = read_offline_run(run_dir)
+    _, run = offline_wandb_run(recs, tmp_path, monkeypatch)
     rows = [row for row in run["history"] if STEP_AXIS in row]
     points = [p for r in recs if isinstance(r, StepCurveRecord) for p in r.points]
     assert [row[STEP_AXIS] for row in rows] == [p.step for p in points]

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -138,3 +140,22 @@ def records(runs: Iterable[list[list[bytes]]], profile: Profile | None = None) -
     sink = MemorySink()
     sink.records = typed_records(runs, profile)
     return sink.json()
+
+
+def offline_wandb_run(records: Iterable[Record], tmp: Path, monkeypatch: Any
+                      ) -> tuple[Path, dict[str, Any]]:
+    """``records`` through a real offline ``WandbSink`` into ``tmp`` (no inherited wandb
+    settings), and that one run read back from its files: (its directory, its contents)."""
+    from collector.sinks.wandb_sink import WandbSink
+    from support.wandb_readback import find_offline_runs, read_offline_run
+
+    monkeypatch.setenv("WANDB_ERROR_REPORTING", "false")
+    for name in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_DIR", "WANDB_PROJECT"):
+        monkeypatch.delenv(name, raising=False)
+    sink = WandbSink(dir=tmp, mode="offline")
+    for r in records:
+        sink.write(r)
+    sink.close(timeout_s=60.0)
+    assert sink.stats["failed"] == 0, sink.stats
+    (run_dir,) = find_offline_runs(tmp)
+    return run_dir, read_offline_run(run_dir)
