@@ -6,34 +6,39 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import signal
 import subprocess
 import sys
 import time
 
+import pytest
 from conftest import CollectorProc, env, finish, free_tcp, start_trainer
 from support.wandb_readback import find_offline_runs, read_offline_run
 
 EPOCHS = 6
 
 
-def _inherited_wandb_service(tmp_path, monkeypatch) -> str:
-    """What a process that used wandb hands its children: WANDB_SERVICE, the address of its
-    wandb-core. Both collector sessions below inherit it; each must use a core of its own
-    (in a shared one, the killed session's run stays open and refuses the resume)."""
-    import wandb
+@pytest.fixture
+def inherited_wandb_service(monkeypatch):
+    """What a process that uses a shared wandb-core hands its children: WANDB_SERVICE, the
+    address of a detached core (``wandb beta core start``). Both collector sessions below
+    inherit it; each must use a core of its own (in a shared one, the killed session's
+    run stays open and refuses the restart's resume: "run ID ... is in use")."""
+    e = env()
+    e.pop("WANDB_SERVICE", None)
+    started = subprocess.run([sys.executable, "-m", "wandb", "beta", "core", "start",
+                              "--idle-timeout", "120s"], env=e, capture_output=True, text=True,
+                             timeout=60, check=True)
+    token = started.stdout.strip().splitlines()[-1]
+    monkeypatch.setenv("WANDB_SERVICE", token)
+    yield token
+    subprocess.run([sys.executable, "-m", "wandb", "beta", "core", "stop"],
+                   env={**e, "WANDB_SERVICE": token}, capture_output=True, timeout=60)
 
-    monkeypatch.delenv("WANDB_SERVICE", raising=False)
-    run = wandb.init(mode="offline", dir=str(tmp_path), project="parent",
-                     settings=wandb.Settings(silent=True, console="off"))
-    run.finish()
-    return os.environ["WANDB_SERVICE"]
 
-
-def test_sigkill_and_restart_keep_every_output_exactly_once(tmp_path, monkeypatch):
-    assert _inherited_wandb_service(tmp_path / "parent", monkeypatch) in env().values()
+def test_sigkill_and_restart_keep_every_output_exactly_once(tmp_path, inherited_wandb_service):
+    assert env()["WANDB_SERVICE"] == inherited_wandb_service
     ep = free_tcp()
     wandb_dir = tmp_path / "wandb"
     opts = ("--epoch-timeout", "30", "--wandb-mode", "offline", "--wandb-dir", str(wandb_dir))
