@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import zmq
 import zmq.auth
 
 
@@ -27,3 +28,12 @@ def client_keys(folder: str | Path) -> dict[str, bytes]:
 def load_client_keys(folder: str | Path | None) -> dict[str, bytes] | None:
     """``client_keys(folder)``, or None for no folder (no CURVE)."""
     return client_keys(folder) if folder else None
+
+
+def use_client_keys(sock: zmq.Socket, keys: dict[str, bytes] | None) -> None:
+    """Make ``sock`` a CURVE client of the collector with ``keys`` (``client_keys``): only
+    a peer holding the collector's secret key gets through. None: no CURVE."""
+    if keys:
+        sock.curve_secretkey = keys["secret"]
+        sock.curve_publickey = keys["public"]
+        sock.curve_serverkey = keys["server"]

@@ -23,7 +23,8 @@ from typing import NamedTuple
 
 import zmq
 
-from .identity import ipv6_host
+from .curve import use_client_keys
+from .identity import dial_options
 from .wire import health as hw
 from .wire.health import Finding, State, Stop
 
@@ -190,14 +191,8 @@ class HealthSocket:
         sock = ctx.socket(zmq.SUB)
         sock.setsockopt(zmq.RCVHWM, SUB_HWM)
         sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.RECONNECT_IVL, 100)
-        sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
-        if ipv6_host(self.endpoint):
-            sock.setsockopt(zmq.IPV6, 1)
-        if self._curve:  # only a peer holding the collector's secret key gets through
-            sock.curve_secretkey = self._curve["secret"]
-            sock.curve_publickey = self._curve["public"]
-            sock.curve_serverkey = self._curve["server"]
+        dial_options(sock, self.endpoint)
+        use_client_keys(sock, self._curve)
         sock.setsockopt(zmq.SUBSCRIBE, hw.topic(self.feedback.run))
         try:
             sock.connect(self.endpoint)

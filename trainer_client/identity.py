@@ -11,6 +11,8 @@ import re
 import socket
 import time
 
+import zmq
+
 DEFAULT_ENDPOINT = "tcp://127.0.0.1:5555"
 ENDPOINT_FORMS = "tcp://host:port (e.g. tcp://127.0.0.1:5555) or ipc://path (e.g. ipc:///tmp/tw.sock)"
 _IPC_PATH_MAX = 107  # a Unix socket path: sun_path holds 108 bytes with the NUL
@@ -55,6 +57,15 @@ def ipv6_host(endpoint: str) -> bool:
     if not endpoint.startswith("tcp://"):
         return False
     return ":" in endpoint[6:].rpartition(";")[2].rpartition(":")[0]
+
+
+def dial_options(sock: zmq.Socket, endpoint: str) -> None:
+    """What every client-side socket to ``endpoint`` takes before it connects: a quick
+    reconnect that backs off to 2 s, and ``zmq.IPV6`` for an IPv6 host."""
+    sock.setsockopt(zmq.RECONNECT_IVL, 100)
+    sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
+    if ipv6_host(endpoint):
+        sock.setsockopt(zmq.IPV6, 1)
 
 
 def check_endpoint(endpoint: str, source: str) -> None:

@@ -38,8 +38,9 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from . import wire
+from .curve import use_client_keys
 from .feedback import HealthSocket
-from .identity import ipv6_host
+from .identity import dial_options
 from .reductions import MutatedError
 
 _log = logging.getLogger("trainwatch.client")
@@ -202,14 +203,8 @@ class Sender:
         # Queue only on live connections: with no collector a send fails at once, and the
         # sender holds its own (bounded, counted) queue instead of a buffer close() discards.
         sock.setsockopt(zmq.IMMEDIATE, 1)
-        sock.setsockopt(zmq.RECONNECT_IVL, 100)
-        sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
-        if ipv6_host(self.endpoint):
-            sock.setsockopt(zmq.IPV6, 1)
-        if self._curve:
-            sock.curve_secretkey = self._curve["secret"]
-            sock.curve_publickey = self._curve["public"]
-            sock.curve_serverkey = self._curve["server"]
+        dial_options(sock, self.endpoint)
+        use_client_keys(sock, self._curve)
         return sock
 
     def _run(self) -> None:

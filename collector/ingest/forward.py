@@ -18,13 +18,9 @@ from collector.ingest import binds
 
 
 def _curve_client(sock: zmq.Socket, curve_keys: str | None) -> None:
-    if curve_keys:
-        from trainer_client.curve import client_keys
+    from trainer_client.curve import load_client_keys, use_client_keys
 
-        keys = client_keys(curve_keys)
-        sock.curve_secretkey = keys["secret"]
-        sock.curve_publickey = keys["public"]
-        sock.curve_serverkey = keys["server"]
+    use_client_keys(sock, load_client_keys(curve_keys))
 
 
 def forward(bind: str, connect: str, curve_keys: str | None = None, hwm: int = 100_000,
