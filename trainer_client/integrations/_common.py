@@ -4,6 +4,7 @@ client they talk through. Nothing here reads a tensor's value."""
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 import socket
 import time
@@ -186,14 +187,20 @@ def ema_prefix(model_names: Sequence[str], ema_names: Sequence[str]) -> str | No
     return best
 
 
-def call_samples(fn: Callable[[], Any], what: str) -> torch.Tensor:
-    """Run the user's sample hook under no_grad; it must give a tensor."""
+def log_samples(client: TrainerClient, epoch: int, fn: Callable[[], Any], what: str,
+                channel_names: Sequence[str] | None, log: logging.Logger) -> None:
+    """Run the user's sample hook under no_grad and send what it gave as epoch ``epoch``'s
+    validation samples. A hook that gives no tensor is the user's error (a TypeError into
+    the fit); samples the client refuses are logged on ``log`` and the fit goes on."""
     with torch.no_grad():
         out = fn()
     if not isinstance(out, torch.Tensor):
         raise TypeError(f"{what} must return a tensor of samples (last dim = channels), "
                         f"got {type(out).__name__}")
-    return out
+    try:
+        client.log_validation(epoch, out, channel_names)
+    except (TypeError, ValueError) as exc:
+        log.error("trainwatch: samples of epoch %d not sent: %s", epoch, exc)
 
 
 def check_channels(channel_names: Sequence[str] | None, data: Any) -> list[str] | None:

@@ -43,12 +43,12 @@ from ._common import (
     GradNorms,
     ParamView,
     StepBuffer,
-    call_samples,
     check_channels,
     current_lr,
     ema_prefix,
     fit_run,
     job_key,
+    log_samples,
     make_client,
     scalar_terms,
 )
@@ -256,11 +256,8 @@ class TrainwatchCallback(pl.Callback):
         last = trainer.max_epochs is not None and epoch >= trainer.max_epochs
         if self._sampler is not None and trainer.global_rank == 0 \
                 and (epoch % self.samples_every == 0 or last):
-            samples = call_samples(self._sampler, f"the samples hook {self.samples!r}")
-            try:
-                self.client.log_validation(epoch, samples, self.channel_names)
-            except (TypeError, ValueError) as exc:
-                _log.error("trainwatch: samples of epoch %d not sent: %s", epoch, exc)
+            log_samples(self.client, epoch, self._sampler, f"the samples hook {self.samples!r}",
+                        self.channel_names, _log)
         ema = self._ema(pl_module) if self._model is not None else None
         self.client.log_epoch(epoch, model=self._model, ema_model=ema)
 

@@ -43,11 +43,11 @@ from .. import identity, reductions
 from ..client import TrainerClient
 from ._common import (
     StepBuffer,
-    call_samples,
     check_channels,
     current_lr,
     fit_run,
     job_key,
+    log_samples,
     make_client,
 )
 
@@ -206,11 +206,8 @@ class TrainwatchCallback(TrainerCallback):
         last = epoch >= math.ceil(args.num_train_epochs) or state.global_step >= state.max_steps
         if self.samples is not None and state.is_world_process_zero \
                 and (epoch % self.samples_every == 0 or last):
-            samples = call_samples(lambda: self.samples(model), "the samples function")
-            try:
-                self.client.log_validation(epoch, samples, self.channel_names)
-            except (TypeError, ValueError) as exc:
-                _log.error("trainwatch: samples of epoch %d not sent: %s", epoch, exc)
+            log_samples(self.client, epoch, lambda: self.samples(model), "the samples function",
+                        self.channel_names, _log)
         self.client.log_epoch(epoch, model=model, ema_model=self.ema_model)
 
     # -- end ---------------------------------------------------------------------------
