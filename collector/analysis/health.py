@@ -136,8 +136,16 @@ class RunHealth:
         self.engine = RuleEngine(self.profile)
         self._trend = deque(maxlen=self.profile.improvement_window)
 
-    def data_metrics(self, channels: list[str]) -> dict[str, float]:
-        return self.data.metrics(channels)
+    def data_metrics(self, channels: list[str], rows: tuple[int, int] | None = None
+                     ) -> dict[str, float]:
+        """The data-stats figures; ``rows``: (rows_total, rows_sent) when the client sent a
+        sample of the data's rows, said beside them."""
+        metrics = self.data.metrics(channels)
+        if rows is not None:
+            total, sent = rows
+            metrics.update({"data_stats/rows_total": total, "data_stats/rows_sent": sent,
+                            "data_stats/sampled_fraction": sent / total if total else 1.0})
+        return metrics
 
     def step_event(self, rank: int, step: int, loss: float,
                    grad_norm: float | None) -> Event | None:

@@ -266,14 +266,7 @@ class Pipeline:
                     health.on_data_constants(f.consts)
                 health.on_data(f.chunk, f.dtype)
                 if f.last:
-                    metrics = health.data_metrics(f.channels)
-                    if f.rows is not None:  # the client sent a sample of the data's rows
-                        total, sent = f.rows
-                        metrics.update({"data_stats/rows_total": total,
-                                        "data_stats/rows_sent": sent,
-                                        "data_stats/sampled_fraction":
-                                            sent / total if total else 1.0})
-                    self._emit(DataStatsRecord(f.run, metrics))
+                    self._emit(DataStatsRecord(f.run, health.data_metrics(f.channels, f.rows)))
             elif isinstance(f, LateValidation):
                 for v in self.health[f.run].on_late_validation(f.epoch, f.validation):
                     self._emit_all(v.extra)
