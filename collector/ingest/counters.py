@@ -21,7 +21,7 @@ RATE_SPAN_S = 5.0  # a stream's step rate is measured over the last 5 to 10 s of
 class StepClock:
     """A stream's highest step and recent step rate, from its steps' wall times (the
     client's clock, as the messages carry it): what a stop decision reads
-    (``State.progress``). The rate spans from a mark at least ``RATE_SPAN_S`` old (and
+    (``RunState.progress``). The rate spans from a mark at least ``RATE_SPAN_S`` old (and
     under twice that, once the stream is that old) to the latest step."""
 
     __slots__ = ("step", "wall", "mark", "next_mark")

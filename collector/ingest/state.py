@@ -15,9 +15,10 @@ for until the live clock says otherwise, a decision that comes back in as a cont
 (``close_epoch``) so that a replay decides the same. What the state holds is counted
 against ``Limits.max_held_bytes``; what would exceed it is refused at ``admit``.
 
-A stop decision (``[actions] stop_on``) reads ``progress``: the run's highest step and recent
-step rate, from each stream's ``StepClock``; the decision itself comes back in as a control
-(``stop_run``), recorded like the clock's, and the state keeps the first one per run.
+A stop decision (``[actions] stop_on``) reads each run's ``RunState.progress``: its highest
+step and recent step rate, from each stream's ``StepClock``; the decision itself comes back
+in as a control (``stop_run``), recorded like the clock's, and the state keeps the first
+one per run.
 """
 
 from __future__ import annotations
@@ -356,11 +357,6 @@ class State:
             out.append(StopDecided(run.run, max(run.last_closed, 0), ctl["step"], ctl["rule"],
                                    ctl["seen"], ctl["rate"]))
         return out
-
-    def progress(self, name: str) -> tuple[int, float, float] | None:
-        """``RunState.progress`` of run ``name``; None for a run unknown."""
-        run = self.runs.get(name)
-        return None if run is None else run.progress()
 
     def _evict(self, run: RunState, out: list[Fact]) -> None:
         del self.runs[run.run]

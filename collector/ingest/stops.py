@@ -35,20 +35,15 @@ class StopPolicy:
         self.margin_s = profile.stop_margin_s
         self.min_steps = profile.stop_min_steps
         self._wanted: dict[str, str] = {}  # run -> the first stop_on finding raised
-        self._stopped: set[str] = set()  # runs whose stop was decided
 
     # -- the sink ------------------------------------------------------------------------
     def write(self, record: Record) -> None:
         run = record.run
         if isinstance(record, EpochRecord | EventRecord):
             for ev in record.events:
-                if ev.kind == RAISED and ev.rule in self.stop_on and run not in self._stopped:
+                if ev.kind == RAISED and ev.rule in self.stop_on:
                     self._wanted.setdefault(run, ev.rule)
-        elif isinstance(record, StopRecord):
-            self._stopped.add(run)
-            self._wanted.pop(run, None)
-        elif isinstance(record, RunRecord):  # a run id seen anew (its old state evicted)
-            self._stopped.discard(run)
+        elif isinstance(record, StopRecord | RunRecord):  # decided, or a run id seen anew
             self._wanted.pop(run, None)
 
     def flush(self) -> None:
@@ -60,15 +55,17 @@ class StopPolicy:
     # -- the decisions -------------------------------------------------------------------
     def due(self, state: State, now_wall: float) -> list[dict]:
         """``stop_run`` controls for the runs that asked for one since the last call; a run
-        without a step yet waits, one that finished is let go."""
+        without a step yet waits; one that finished, or whose stop the state holds already
+        (it keeps the first), is let go."""
         out = []
         for run, rule in list(self._wanted.items()):
-            progress = state.progress(run)
-            if progress is None:
-                known = state.runs.get(run)
-                if known is None or known.finished:
-                    del self._wanted[run]
+            known = state.runs.get(run)
+            if known is None or known.finished or known.stop is not None:
+                del self._wanted[run]  # gone, ended, or its stop decided already
                 continue
+            progress = known.progress()
+            if progress is None:
+                continue  # no step yet
             seen, rate, wall = progress
             ahead = seen + rate * max(0.0, now_wall - wall)
             step = math.ceil(ahead + max(self.min_steps, rate * self.margin_s))
