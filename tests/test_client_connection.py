@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import logging
 import signal
 import subprocess
 import sys
@@ -77,6 +78,19 @@ def test_well_formed_endpoints_are_taken(tmp_path):
         assert tw.stats["sender"] == "closed"
 
 
+class _SlowHandler(logging.Handler):
+    """A console that takes its time over each record."""
+
+    def __init__(self, delay_s: float) -> None:
+        super().__init__(logging.WARNING)
+        self.delay_s = delay_s
+        self.seen = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        time.sleep(self.delay_s)
+        self.seen += 1
+
+
 def test_a_dead_sender_thread_is_said_once_and_every_later_message_counted(tmp_path, caplog,
                                                                          started):
     ep = f"ipc://{tmp_path}/c.sock"
@@ -88,18 +102,28 @@ def test_a_dead_sender_thread_is_said_once_and_every_later_message_counted(tmp_p
     loss = torch.tensor(0.5)
     tw.log_step(loss)
     assert _until(lambda: tw.stats["handed_to_socket"] == 2, 30)  # hello + the step
-    with caplog.at_level("WARNING", logger="trainwatch.client"):
-        # The thread really dies, of an exception raised in it (as any bug there would).
-        hit = ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread.ident),
-                                                         ctypes.py_object(RuntimeError))
-        assert hit == 1
-        assert _until(lambda: tw.stats["sender"] == "dead", 30)
-        for _ in range(10):
-            tw.log_step(loss, {"a": 0.25})
-        tw.log_epoch(1)
-        t0 = time.monotonic()
-        tw.close(timeout=30)
-        closed_in = time.monotonic() - t0
+    # A slow console (a handler of the client's logger, run before the record reaches
+    # caplog) widens the moment between the thread's death and its warning: the state must
+    # not say "dead" before the warning is out.
+    slow = _SlowHandler(0.5)
+    client_log = logging.getLogger("trainwatch.client")
+    client_log.addHandler(slow)
+    try:
+        with caplog.at_level("WARNING", logger="trainwatch.client"):
+            # The thread really dies, of an exception raised in it (as any bug there would).
+            hit = ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread.ident),
+                                                             ctypes.py_object(RuntimeError))
+            assert hit == 1
+            assert _until(lambda: tw.stats["sender"] == "dead", 30)
+            for _ in range(10):
+                tw.log_step(loss, {"a": 0.25})
+            tw.log_epoch(1)
+            t0 = time.monotonic()
+            tw.close(timeout=30)
+            closed_in = time.monotonic() - t0
+    finally:
+        client_log.removeHandler(slow)
+    assert slow.seen == 1
     s = tw.stats
     assert closed_in < 5  # nothing to wait for: far below the 30 s timeout
     assert s["dropped_by_reason"]["sender_dead"] == 10 + 1 + 1  # steps, epoch, bye

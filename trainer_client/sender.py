@@ -226,10 +226,12 @@ class Sender:
             self._loop(sock, mon)
             clean = True
         except BaseException as exc:  # whatever it was, the thread is gone
-            self.dead = True
+            # Said before ``dead`` is set, so whoever sees the state "dead" can also
+            # already see why (the finally below sets it should the logging itself fail).
             _log.warning("trainwatch: the sender thread stopped (%s: %s); monitoring is off "
                          "and every later message is dropped (stats: sender_dead)",
                          type(exc).__name__, exc, exc_info=True)
+            self.dead = True
         finally:
             if not clean:
                 self.dead = True
