@@ -3,7 +3,7 @@ collector process, one run per case (``tests/workers/detection_runs.py``), then 
 recording replayed with ``--findings`` as a user tuning a profile would.
 
 - a healthy run of 24 epochs ends with nothing raised;
-- a flat loss (lr 1e-8) is a stall by epoch 12, and stays one;
+- a flat loss (lr 1e-8) is a stall by epoch 12, and stays one, and nothing else;
 - a sampler returning copies of one realistic window is flagged at that validation;
 - a single NaN step is a non-finite finding, not a learning-rate diagnosis;
 - an explosion's remedy quotes the learning rate the optimizer really had;
@@ -95,6 +95,10 @@ def test_a_flat_loss_is_a_stall_by_epoch_twelve_and_stays_one(runs):
         assert [ev for r in recs for ev in r["events"] if ev["rule"] == rule
                 and ev["kind"] == "cleared"] == []
     assert sum(e["metrics"]["train/is_improving"] for e in epochs[1:]) <= 1
+    # A model that does not move raises only "no progress" findings: its EMA, warming up
+    # from the model's copy at ema_diff ~1e-9, is no surge.
+    assert {rule for _, rule in _raises(recs)} <= {
+        "stalled", "phase1_not_improving", "diagnosis/loss_not_falling"}, _raises(recs)
 
 
 def test_copies_of_one_realistic_window_are_flagged_at_that_validation(runs):

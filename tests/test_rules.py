@@ -123,6 +123,30 @@ def test_threshold_rule_fires_once_and_clears_once(rule):
     assert events_of(got[-1][1], rule) == []
 
 
+def _ema_surge_raised(h: RunHealth, scale: float) -> list[int]:
+    """Epochs at which ema_diff_surge is raised on an EMA warming up from the model's copy:
+    ema_diff = scale * epoch^2 (a steady drift the EMA lags behind), as a real run at
+    lr 1e-8 showed it (5e-10, 2.5e-9, 4.9e-9, 8.9e-9, ...)."""
+    raised = []
+    for e in range(1, 13):
+        m, _ = judge(h, epoch(e, ema=(1000.0, 1000.0 * scale * e * e)))
+        if m.get("health/ema_diff_surge") == 1:
+            raised.append(e)
+    return raised
+
+
+def test_an_ema_warming_up_below_the_floor_is_no_surge(tmp_path):
+    (rule,) = [r for r in PROFILE.rules if r.id == "ema_diff_surge"]
+    assert rule.condition.floor == 1e-6
+    # Below the floor (the lr 1e-8 run): never; the same shape a million times larger,
+    # and the tiny one with the floor set to 0 in a user's profile: raised at epoch 4.
+    assert _ema_surge_raised(health(), 5e-10) == []
+    assert _ema_surge_raised(health(), 5e-4)[:1] == [4]
+    p = tmp_path / "no_floor.toml"
+    p.write_text("[rules.ema_diff_surge]\nfloor = 0\n")
+    assert _ema_surge_raised(health(profile=load_profile(str(p))), 5e-10)[:1] == [4]
+
+
 def test_surges_need_three_previous_epochs_and_compare_to_their_median():
     h = health()
     m = [judge(h, epoch(e, ema=(1000.0, 1.0)))[0] for e in (1, 2, 3)]

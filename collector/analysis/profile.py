@@ -54,6 +54,7 @@ class Condition:
     length: int = 0
     latest: bool = False  # judge an absent metric by its latest value
     relative: bool = False  # slope: in % of the window's mean value per epoch
+    floor: float = 0.0  # surge: values below it are too small to judge
 
 
 @dataclass(frozen=True)

@@ -43,6 +43,7 @@ DEFAULT_PATH = PROFILES_DIR / f"{DEFAULT_NAME}.toml"
 # Packaged profiles by name: what ``--rules NAME`` and a file's ``base = "NAME"`` refer to.
 PACKAGED = {p.stem: p for p in sorted(PROFILES_DIR.glob("*.toml"))}
 _MULTI_METRIC = ("threshold", "change")  # kinds that take a list or a pattern ("a/*_w1")
+_OPTIONAL = {"slope": {"relative"}, "surge": {"floor"}}  # keys a kind may leave out
 _HYSTERESIS_KEYS = {"raise_after", "clear_after"}
 _RULE_KEYS = {"enabled", "severity", "message", "remedy", "phases", "detail", "suggest",
               "line"} | _HYSTERESIS_KEYS
@@ -248,7 +249,7 @@ class _Builder:
         if kind not in KINDS:
             raise self.fail(keys + ("kind",), f"unknown kind {kind!r} (one of {sorted(KINDS)})")
         need = KINDS[kind]
-        optional = {"latest"} | ({"relative"} if kind == "slope" else set())
+        optional = {"latest"} | _OPTIONAL.get(kind, set())
         self.table(keys, body, {"kind", "metric", *optional, *need} | extra)
         metric = self.get(keys + ("metric",), "metric")
         if isinstance(metric, list) and kind not in _MULTI_METRIC:
@@ -263,7 +264,8 @@ class _Builder:
         metrics = (metric,) if isinstance(metric, str) else tuple(metric)
         return Condition(kind=kind, metrics=metrics,
                          latest=self.get(keys + ("latest",), "bool", False),
-                         relative=self.get(keys + ("relative",), "bool", False), **fields)
+                         relative=self.get(keys + ("relative",), "bool", False),
+                         floor=self.get(keys + ("floor",), "nonneg", 0.0), **fields)
 
     def suggest(self, keys: tuple[str, ...]) -> tuple[tuple[str, float | str], ...]:
         """Config values a remedy is about: name -> the guide's value (or a phrase)."""

@@ -113,8 +113,8 @@ def _surge(c: Condition, values: dict[str, float], hist: History) -> Result | No
     if v is None or len(prev) < c.min_count:
         return None
     median = float(window_median(np.asarray(prev, dtype=np.float64)))
-    return {"holds": v > c.factor * median, "value": v, "metric": name, "median": median,
-            "factor": c.factor, "window": c.window}
+    return {"holds": v > c.factor * median and v >= c.floor, "value": v, "metric": name,
+            "median": median, "factor": c.factor, "window": c.window, "floor": c.floor}
 
 
 def _change(c: Condition, values: dict[str, float], hist: History) -> Result | None:
