@@ -159,6 +159,58 @@ def test_two_processes_on_one_rank_keep_true_accounting(tmp_path):
     assert len(notes) == 1 and notes[0].count(" pid ") == 2, notes
 
 
+def test_twins_end_their_rank_together_and_a_restart_ends_it_alone(tmp_path):
+    """Two processes on one rank that each spoke while the other was live end the rank
+    only when both said bye: the run's later epochs come before its summary. A process
+    that went silent before its successor's first message (a restart) is not waited for."""
+    col = CollectorProc(tmp_path, f"ipc://{tmp_path}/c.sock", "--once", "--quiet", "2").start()
+    s = Sender(col.endpoint)
+    seqs: dict[tuple[str, int], int] = {}
+
+    def send(run: str, inst: int, kind: int, body, epoch: int = 0) -> None:
+        seq = seqs[run, inst] = seqs.get((run, inst), -1) + 1  # from 0, as a client's
+        s.send(kind, run, body, inst=inst, seq=seq, epoch=epoch)
+
+    def steps(run: str, inst: int, n: int = 3) -> None:
+        for _ in range(n):
+            send(run, inst, wire.KIND_STEP, [0.5, 1.0, [], []])
+
+    for run in ("twins", "restart"):
+        send(run, 1, wire.KIND_HELLO, {"host": "h", "pid": 1})
+        steps(run, 1)
+    send("twins", 2, wire.KIND_HELLO, {"host": "h", "pid": 2})
+    steps("twins", 2)
+    steps("twins", 1)  # the first speaks again: two live processes
+    for inst in (1, 2):
+        send("twins", inst, wire.KIND_EPOCH, {}, epoch=1)
+    send("twins", 1, wire.KIND_BYE, {})  # one twin is done; the other trains on
+    steps("twins", 2)
+    send("twins", 2, wire.KIND_EPOCH, {}, epoch=2)
+    send("twins", 2, wire.KIND_BYE, {})
+    send("restart", 1, wire.KIND_EPOCH, {}, epoch=1)  # then it dies without a bye
+    send("restart", 2, wire.KIND_HELLO, {"host": "h", "pid": 3})
+    steps("restart", 2)
+    send("restart", 2, wire.KIND_EPOCH, {}, epoch=2)
+    send("restart", 2, wire.KIND_BYE, {})
+    s.close()
+    assert col.wait(120) == 0, col.log.read_text()[-3000:]
+    recs = col.records()
+    for run in ("twins", "restart"):
+        mine = [r for r in recs if r["run"] == run and r["type"] in ("epoch", "summary")]
+        assert [r.get("epoch") if r["type"] == "epoch" else "summary" for r in mine] == \
+            [1, 2, "summary"], mine
+        summary = mine[-1]
+        assert summary["ended"] == "finished"
+        assert summary["metrics"]["summary/missing_ranks"] == 0
+        m = summary["metrics"]
+        assert m["summary/seq_gaps"] == 0 and m["summary/late_epochs"] == 0, (run, m)
+    notes = [e["message"] for r in recs if r["run"] == "twins" for e in r["events"]
+             if e["rule"] == "ingest/instances"]
+    assert len(notes) == 1 and "ends when both have" in notes[0]
+    assert not [e for r in recs if r["run"] == "restart" for e in r["events"]
+                if e["rule"] == "ingest/instances"]
+
+
 def test_a_run_cannot_write_into_another_runs_wandb_run(tmp_path):
     wandb_dir = tmp_path / "wandb"
     col = CollectorProc(tmp_path, f"ipc://{tmp_path}/c.sock", "--once", "--quiet", "2",

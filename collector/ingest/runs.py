@@ -33,7 +33,7 @@ class StreamState:
     """One client instance of a rank."""
 
     __slots__ = ("instance", "key", "counters", "open_steps", "open_bytes", "last_epoch",
-                 "finished", "ended", "host", "pid", "clock")
+                 "finished", "ended", "host", "pid", "clock", "twin")
 
     def __init__(self, instance: int, key: int, counters: StreamCounters) -> None:
         self.instance, self.key, self.counters = instance, key, counters
@@ -44,23 +44,31 @@ class StreamState:
         self.ended = ""  # how its client said it ended ("finished", "interrupted", ...)
         self.host, self.pid = "?", "?"
         self.clock = StepClock()  # its highest step and step rate (for a stop decision)
+        # Seen live beside another instance of its rank (each spoke while the other had
+        # not said bye): the rank is done only once both are. A process that went silent
+        # before its successor's first message (a restart) is never a twin.
+        self.twin = False
 
     def who(self) -> str:
         return f"{self.host} pid {self.pid} (instance {self.instance})"
 
 
 class RankState:
-    __slots__ = ("rank", "counters", "streams", "current")
+    __slots__ = ("rank", "counters", "streams", "current", "last_epoch")
 
     def __init__(self, rank: int) -> None:
         self.rank = rank
         self.counters = RankCounters()
         self.streams: dict[int, StreamState] = {}
         self.current: StreamState | None = None  # the instance of its latest message
+        self.last_epoch = -1  # the latest epoch an instance of it closed for the run
 
     @property
     def finished(self) -> bool:
-        return self.current is not None and self.current.finished
+        """Its latest instance said bye, and so did every twin of it."""
+        cur = self.current
+        return cur is not None and cur.finished and \
+            all(s.finished for s in self.streams.values() if s.twin)
 
 
 class Stream(NamedTuple):

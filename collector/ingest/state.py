@@ -8,8 +8,9 @@ nothing back: the pipeline acts on the facts, in order.
 
 Every client instance (process) of a rank is a stream of its own: its sequence numbers,
 open epoch and goodbye; a restarted rank is a new stream that starts afresh, and two live
-ones on one rank keep true accounting each. A step only appends to its stream's open
-epoch; arrays are built once per epoch, when every rank of the run has closed it
+ones on one rank keep true accounting each (the rank ends when both said goodbye, and an
+epoch one closed is not the other's to close again). A step only appends to its stream's
+open epoch; arrays are built once per epoch, when every rank of the run has closed it
 (``EpochInput``). Epochs close strictly in order; a rank that never closes one is waited
 for until the live clock says otherwise, a decision that comes back in as a control
 (``close_epoch``) so that a replay decides the same. What the state holds is counted
@@ -123,9 +124,11 @@ class State:
             if not rank.current.finished:
                 self._note(run, f"instances {msg.rank}", out,
                            f"two live processes claim rank {msg.rank}: {st.who()} and "
-                           f"{rank.current.who()}; each is counted on its own")
+                           f"{rank.current.who()}; each is counted on its own, and the "
+                           f"rank ends when both have")
+                st.twin = rank.current.twin = True
             rank.current = st
-            run.rank_done(rank.rank, st.finished)
+            run.rank_done(rank.rank, rank.finished)
         st.counters.count(msg.kind, msg.seq, msg.dropped, msg.wall_time)
         run.messages += 1
         self._apply(run, rank, st, msg, out)
@@ -219,8 +222,7 @@ class State:
             run.unclosed_steps += st.open_steps.rows()
             self._hold(run, -st.open_bytes)
             st.open_steps, st.open_bytes = StepColumns(), 0
-            if st is rank.current:
-                run.rank_done(rank.rank, True)
+            run.rank_done(rank.rank, rank.finished)  # its sender is the current instance
             self._close_ready(run, out)
             if not run.finished and len(run.finished_ranks) == run.world_size:
                 self._finish(run, "finished", out)
@@ -241,16 +243,16 @@ class State:
         st.last_epoch = msg.epoch
         if msg.body.get("param_names"):
             run.param_names = list(msg.body["param_names"])
+        if msg.epoch <= rank.last_epoch:  # another process on this rank closed it first
+            self._hold(run, -held)
+            return
+        rank.last_epoch = msg.epoch
         if msg.epoch <= run.last_closed:
             run.late_epochs += 1  # closed without this rank after a timeout
             self._hold(run, -held)
             return
-        slot = run.pending.get(msg.epoch, {})
-        if not slot:
+        if not run.pending.get(msg.epoch):
             run.pending_since[msg.epoch] = time.monotonic()
-        if msg.rank in slot:  # another process on this rank closed it first
-            self._hold(run, -held)
-            return
         run.add_pending(msg.epoch, msg.rank, (steps, msg.body, held))
         self._close_ready(run, out)
 
