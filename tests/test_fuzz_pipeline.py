@@ -335,6 +335,22 @@ def test_pipeline_accepts_the_valid_rejects_the_rest_and_is_deterministic(items,
     assert sum(1 for r in sink_a.json() if r["type"] == "summary" and r["run"] == GOOD) == 1
 
 
+def test_after_a_runs_end_a_repeat_is_a_duplicate_and_anything_new_is_refused():
+    def msg(kind: int, inst: int, seq: int, body, epoch: int = 0) -> list[bytes]:
+        return _frames((wire.Header(kind, GOOD, 0, 1, inst, seq, seq, epoch, 1.0, 0, body),
+                        []))
+
+    pipe = Pipeline(PROFILE, MemorySink())
+    hello = msg(wire.KIND_HELLO, 1, 0, {"host": "h", "pid": 1})
+    for frames in (hello, msg(wire.KIND_EPOCH, 1, 1, {}, epoch=1), msg(wire.KIND_BYE, 1, 2, {})):
+        assert pipe.feed(frames)
+    assert pipe.state.runs[GOOD].finished
+    assert not pipe.feed(hello) and pipe.rejected == {"duplicate_seq": 1}
+    assert not pipe.feed(msg(wire.KIND_STEP, 1, 3, [0.5, 1.0, [], []]))
+    assert not pipe.feed(msg(wire.KIND_HELLO, 2, 0, {"host": "h", "pid": 2}))
+    assert pipe.rejected == {"duplicate_seq": 1, "run_finished": 2}
+
+
 # -- the decoder alone ---------------------------------------------------------------------
 anything = st.recursive(
     st.none() | st.booleans() | st.integers(-(2 ** 63), 2 ** 64 - 1) | st.floats()

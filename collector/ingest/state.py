@@ -70,7 +70,9 @@ class State:
         """Why ``msg`` must be rejected, or None. Changes nothing.
 
         A stream's sequence numbers and epochs must rise; a run may claim up to
-        ``max_world_size`` ranks; a new run, instance, step or sample must fit the budget.
+        ``max_world_size`` ranks; a new run, instance, step or sample must fit the budget;
+        a run whose summary is written takes nothing more (every output ends there alike;
+        its id is free again once the run is evicted).
         """
         lim = self.limits
         if msg.world_size > lim.max_world_size:
@@ -87,9 +89,11 @@ class State:
             if st is None:
                 cost += STREAM_BYTES
             elif not st.counters.admit(msg.seq):
-                return "duplicate_seq"
+                return "duplicate_seq"  # the more telling reason, finished run or not
             elif msg.kind == wire.KIND_EPOCH and msg.epoch <= st.last_epoch:
                 return "epoch_out_of_order"
+            if run.finished:
+                return "run_finished"
         if cost and self.held + cost > lim.max_held_bytes:
             return "over_budget"
         return None
@@ -157,9 +161,11 @@ class State:
 
     def stream(self, key: int, run_bytes: bytes) -> Stream | None:
         """The current stream behind a bulk step key, or None (the message then goes alone:
-        a new instance registers there, and an old one's note is given there)."""
+        a new instance registers there, an old one's note is given there, and a finished
+        run's refusal is counted there)."""
         s = self.streams.get(key)
-        if s is None or s.rank.current is not s.stream or s.run_bytes != run_bytes:
+        if s is None or s.rank.current is not s.stream or s.run_bytes != run_bytes \
+                or s.run.finished:
             return None
         return s
 
