@@ -63,6 +63,9 @@ def test_a_world_size_bomb_is_refused_and_a_forged_hello_changes_nothing(tmp_pat
         if r["type"] == "epoch" and r["run"] == "victim":
             assert r["missing"]["count"] == 0 and rank_list(r["ranks"]) == [0]
     _lost_nothing(recs)
+    # the forged process never holds the run open: it ends at the victim's bye
+    summary = next(r for r in recs if r["run"] == "victim" and r["type"] == "summary")
+    assert summary["ended"] == "finished" and summary["metrics"]["summary/missing_ranks"] == 0
     assert max(len(line) for line in col.jsonl.read_text().splitlines()) < 20_000
     assert inspect(col.record)["rejected_live"] == {"world_size_over_limit": 300}
 
@@ -162,7 +165,8 @@ def test_two_processes_on_one_rank_keep_true_accounting(tmp_path):
 def test_twins_end_their_rank_together_and_a_restart_ends_it_alone(tmp_path):
     """Two processes on one rank that each spoke while the other was live end the rank
     only when both said bye: the run's later epochs come before its summary. A process
-    that went silent before its successor's first message (a restart) is not waited for."""
+    that went silent before its successor's first message (a restart), or all through
+    the other's latest epoch, is not waited for: each run ends at its bye."""
     col = CollectorProc(tmp_path, f"ipc://{tmp_path}/c.sock", "--once", "--quiet", "2").start()
     s = Sender(col.endpoint)
     seqs: dict[tuple[str, int], int] = {}
@@ -187,6 +191,16 @@ def test_twins_end_their_rank_together_and_a_restart_ends_it_alone(tmp_path):
     steps("twins", 2)
     send("twins", 2, wire.KIND_EPOCH, {}, epoch=2)
     send("twins", 2, wire.KIND_BYE, {})
+    # a process that speaks once beside a live one (a forged hello) and is silent after:
+    # not waited for once the live one's latest epoch went by without it
+    send("ghost", 1, wire.KIND_HELLO, {"host": "h", "pid": 4})
+    steps("ghost", 1)
+    send("ghost", 2, wire.KIND_HELLO, {"host": "forger", "pid": 5})
+    steps("ghost", 1)
+    send("ghost", 1, wire.KIND_EPOCH, {}, epoch=1)
+    steps("ghost", 1)
+    send("ghost", 1, wire.KIND_EPOCH, {}, epoch=2)
+    send("ghost", 1, wire.KIND_BYE, {})
     send("restart", 1, wire.KIND_EPOCH, {}, epoch=1)  # then it dies without a bye
     send("restart", 2, wire.KIND_HELLO, {"host": "h", "pid": 3})
     steps("restart", 2)
@@ -195,7 +209,7 @@ def test_twins_end_their_rank_together_and_a_restart_ends_it_alone(tmp_path):
     s.close()
     assert col.wait(120) == 0, col.log.read_text()[-3000:]
     recs = col.records()
-    for run in ("twins", "restart"):
+    for run in ("twins", "restart", "ghost"):
         mine = [r for r in recs if r["run"] == run and r["type"] in ("epoch", "summary")]
         assert [r.get("epoch") if r["type"] == "epoch" else "summary" for r in mine] == \
             [1, 2, "summary"], mine

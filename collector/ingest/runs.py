@@ -33,7 +33,7 @@ class StreamState:
     """One client instance of a rank."""
 
     __slots__ = ("instance", "key", "counters", "open_steps", "open_bytes", "last_epoch",
-                 "finished", "ended", "host", "pid", "clock", "twin")
+                 "finished", "ended", "host", "pid", "clock", "twin", "spoke_at", "epoch_from")
 
     def __init__(self, instance: int, key: int, counters: StreamCounters) -> None:
         self.instance, self.key, self.counters = instance, key, counters
@@ -46,8 +46,14 @@ class StreamState:
         self.clock = StepClock()  # its highest step and step rate (for a stop decision)
         # Seen live beside another instance of its rank (each spoke while the other had
         # not said bye): the rank is done only once both are. A process that went silent
-        # before its successor's first message (a restart) is never a twin.
+        # before its successor's first message (a restart) is never a twin, and one silent
+        # through the other's whole last epoch is one no longer (see ``State._bye``).
         self.twin = False
+        # Positions in the run's message order (``RunState.messages``), so that liveness is
+        # judged by what a replay sees too: its latest message, and the start of its
+        # latest epoch (where the previous one closed, or its first message).
+        self.spoke_at = 0
+        self.epoch_from = (0, 0)  # (start of its latest closed epoch, start of its open one)
 
     def who(self) -> str:
         return f"{self.host} pid {self.pid} (instance {self.instance})"

@@ -135,6 +135,7 @@ class State:
             run.rank_done(rank.rank, rank.finished)
         st.counters.count(msg.kind, msg.seq, msg.dropped, msg.wall_time)
         run.messages += 1
+        st.spoke_at = run.messages
         self._apply(run, rank, st, msg, out)
         return out
 
@@ -142,6 +143,7 @@ class State:
         """A client instance's first message: it starts afresh and speaks for the rank."""
         key = stream_key(run.run, rank.rank, instance)
         st = StreamState(instance, key, rank.counters.stream(instance))
+        st.epoch_from = (run.messages, run.messages)
         rank.streams[instance] = st
         rank.current = st
         run.rank_done(rank.rank, False)
@@ -184,6 +186,7 @@ class State:
         s.stream.counters.count_many(wire.KIND_STEP, n, int(g.last_seq[j]),
                                      int(g.max_dropped[j]), float(g.last_wall[j]))
         s.run.messages += n
+        s.stream.spoke_at = s.run.messages
         s.stream.open_steps.extend(g, j, seg_names, steps, buf)
         s.stream.clock.note(int(g.step[g.bounds[j + 1] - 1]), float(g.last_wall[j]))
         s.stream.open_bytes += nbytes
@@ -223,6 +226,7 @@ class State:
                 out.append(chunk)
         elif kind == wire.KIND_BYE:
             st.finished = True
+            self._bye_twins(rank, st)
             ended = msg.body.get("ended")
             st.ended = ended[:64] if isinstance(ended, str) and ended else "finished"
             run.unclosed_steps += st.open_steps.rows()
@@ -232,6 +236,16 @@ class State:
             self._close_ready(run, out)
             if not run.finished and len(run.finished_ranks) == run.world_size:
                 self._finish(run, "finished", out)
+
+    @staticmethod
+    def _bye_twins(rank: RankState, st: StreamState) -> None:
+        """Which twins of a stream that says bye the rank still waits for: those that
+        spoke during its latest epoch. One silent all through it (a process that died
+        without a bye, or a forged hello in the run's name) is not waited for."""
+        since = st.epoch_from[0]
+        for other in rank.streams.values():
+            if other.twin and not other.finished and other.spoke_at <= since:
+                other.twin = False
 
     def _hello_env(self, run: RunState, msg: wire.Message, out: list[Fact]) -> None:
         """Only the run's first hello says which wandb run it is; another that asks for a
@@ -247,6 +261,7 @@ class State:
         steps, held = st.open_steps, st.open_bytes
         st.open_steps, st.open_bytes = StepColumns(), 0
         st.last_epoch = msg.epoch
+        st.epoch_from = (st.epoch_from[1], run.messages)
         if msg.body.get("param_names"):
             run.param_names = list(msg.body["param_names"])
         if msg.epoch <= rank.last_epoch:  # another process on this rank closed it first
