@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -13,6 +14,12 @@ from harness import child_env, free_tcp  # noqa: F401 - re-exported for tests
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKER = ROOT / "tests" / "workers" / "trainer.py"
+
+# A suite started in the background of a shell without job control inherits SIGINT
+# ignored, and so would every process it starts: the tests that Ctrl-C a trainer or a
+# collector would then see it go on. A handler here makes each child start with the default.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def env() -> dict[str, str]:
