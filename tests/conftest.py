@@ -93,6 +93,17 @@ def finish(procs: list[subprocess.Popen], timeout: float = 120.0) -> None:
         assert p.returncode == 0, out.decode()[-3000:]
 
 
+def replayed_jsonl(record: Path, tmp: Path) -> bytes:
+    """The JSONL ``trainwatch replay`` writes for ``record`` (run in ``tmp``); a replay
+    that fails fails the test with its own error."""
+    out = tmp / "replayed.jsonl"
+    r = subprocess.run([sys.executable, "-m", "collector", "replay", str(record), "--jsonl",
+                        str(out)], env=env(), cwd=tmp, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    return out.read_bytes()
+
+
 def by_epoch(recs: list[dict], run: str | None = None) -> dict[int, dict]:
     """Each epoch's metrics as the records' JSON says them, an amendment's over the
     original (of ``run``, or of every run)."""

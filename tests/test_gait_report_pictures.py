@@ -20,7 +20,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import CollectorProc, env
+from conftest import CollectorProc, env, replayed_jsonl
 from support.gait_cycles import cycles
 from support.wandb_readback import find_offline_runs, read_offline_run
 from test_report_browser import ARTIFACTS, FLAGS
@@ -147,12 +147,9 @@ def test_wandb_has_the_step_rows_and_a_figure_per_picture(job):
 
 def test_replay_equals_live_byte_for_byte(job, tmp_path):
     col = job["col"]
-    out = tmp_path / "replayed.jsonl"
-    subprocess.run([sys.executable, "-m", "collector", "replay", str(col.record), "--jsonl",
-                    str(out)], env=env(), cwd=tmp_path, check=True, capture_output=True,
-                   timeout=120)
-    assert out.read_bytes() == col.jsonl.read_bytes()
-    kinds = [json.loads(line)["type"] for line in out.read_text().splitlines()]
+    replayed = replayed_jsonl(col.record, tmp_path)
+    assert replayed == col.jsonl.read_bytes()
+    kinds = [json.loads(line)["type"] for line in replayed.decode().splitlines()]
     assert kinds.count("pictures") == 3 and kinds.count("steps") >= CONFIG["epochs"]
 
 

@@ -6,11 +6,9 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 
 import pytest
-from conftest import CollectorProc, by_epoch, env, finish, start_trainer
+from conftest import CollectorProc, by_epoch, finish, replayed_jsonl, start_trainer
 
 EPOCHS = 4
 
@@ -65,9 +63,6 @@ def test_both_orders_give_the_same_figures_for_every_epoch(both):
 @pytest.mark.parametrize("after", [False, True])
 def test_replay_of_either_order_equals_live(both, after, tmp_path):
     col, _ = both[after]
-    out = tmp_path / "replayed.jsonl"
-    subprocess.run([sys.executable, "-m", "collector", "replay", str(col.record), "--jsonl",
-                    str(out)], env=env(), cwd=tmp_path, check=True, capture_output=True,
-                   timeout=120)
-    assert out.read_bytes() == col.jsonl.read_bytes()
-    assert all(json.loads(line)["run"] == "job" for line in out.read_text().splitlines())
+    replayed = replayed_jsonl(col.record, tmp_path)
+    assert replayed == col.jsonl.read_bytes()
+    assert all(json.loads(line)["run"] == "job" for line in replayed.decode().splitlines())

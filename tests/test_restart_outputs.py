@@ -13,7 +13,7 @@ import sys
 import time
 
 import pytest
-from conftest import CollectorProc, env, finish, free_tcp, start_trainer
+from conftest import CollectorProc, env, finish, free_tcp, replayed_jsonl, start_trainer
 from support.wandb_readback import find_offline_runs, read_offline_run
 
 EPOCHS = 6
@@ -69,11 +69,7 @@ def test_sigkill_and_restart_keep_every_output_exactly_once(tmp_path, inherited_
     assert sum(t in ("run", "config", "summary") for t, _ in kinds) == 3
 
     # The JSONL is what a replay of the whole recording gives, byte for byte.
-    replayed = tmp_path / "replayed.jsonl"
-    subprocess.run([sys.executable, "-m", "collector", "replay", str(first.record), "--jsonl",
-                    str(replayed)], env=env(), cwd=tmp_path, check=True, capture_output=True,
-                   timeout=120)
-    assert replayed.read_bytes() == final
+    assert replayed_jsonl(first.record, tmp_path) == final
 
     # One readable wandb run, with its config and every epoch; the first session's
     # directory (cut off by the kill) is set aside, not left beside it.

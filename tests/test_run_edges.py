@@ -10,7 +10,7 @@ import sys
 import time
 
 import pytest
-from conftest import CollectorProc, env
+from conftest import CollectorProc, env, replayed_jsonl
 from harness import Sender, inspect
 from support.wandb_readback import find_offline_runs, read_offline_run
 
@@ -128,9 +128,4 @@ def test_a_finished_run_takes_nothing_more_and_every_output_ends_at_its_summary(
     runs = {read_offline_run(d)["name"]: read_offline_run(d) for d in find_offline_runs(wandb_dir)}
     rows = [h["epoch"] for h in runs["ended"]["history"] if "epoch" in h]
     assert sorted(set(rows)) == [1]
-    out = tmp_path / "replayed.jsonl"
-    r = subprocess.run([sys.executable, "-m", "collector", "replay", str(col.record),
-                        "--jsonl", str(out)], env=env(), cwd=tmp_path, capture_output=True,
-                       text=True, timeout=120)
-    assert r.returncode == 0, r.stderr
-    assert out.read_bytes() == col.jsonl.read_bytes()
+    assert replayed_jsonl(col.record, tmp_path) == col.jsonl.read_bytes()

@@ -12,7 +12,7 @@ import sys
 import time
 
 import pytest
-from conftest import ROOT, CollectorProc, env
+from conftest import ROOT, CollectorProc, env, replayed_jsonl
 from support.wandb_readback import find_offline_runs, read_offline_run
 
 WORKER = ROOT / "tests" / "workers" / "ddp_stop.py"
@@ -121,12 +121,9 @@ def test_wandb_says_the_run_was_stopped_and_by_what(stopped):
 
 def test_a_replay_gives_the_same_records_byte_for_byte(stopped, tmp_path):
     _, col, _, _ = stopped
-    out = tmp_path / "replayed.jsonl"
-    subprocess.run([sys.executable, "-m", "collector", "replay", str(col.record), "--jsonl",
-                    str(out)], env=env(), cwd=tmp_path, check=True, capture_output=True,
-                   timeout=120)
-    assert out.read_bytes() == col.jsonl.read_bytes()
-    assert b'"type":"stop"' in out.read_bytes()
+    replayed = replayed_jsonl(col.record, tmp_path)
+    assert replayed == col.jsonl.read_bytes()
+    assert b'"type":"stop"' in replayed
 
 
 def _ran_to_the_end(ranks: list[dict], epochs: int = SHORT) -> None:
