@@ -323,17 +323,15 @@ class Pipeline:
         """The first reject of a kind the user should hear of, in a run's own records (a
         replay says it where the recorded reject counts come in: the same place)."""
         rs = self.state.runs.get(run) if run else None
-        if rs is None or f"reject {reason}" in rs.noted:
+        said = reason in NOTED_REJECTS or reason == "run_finished"
+        if rs is None or not said or f"reject {reason}" in rs.noted:
             return
+        rs.noted.add(f"reject {reason}")
         if reason == "run_finished":  # its records are complete: said on the console only
-            rs.noted.add(f"reject {reason}")
             _log.warning("run %s has ended (its summary is written): later messages in its "
                          "name are refused and counted as run_finished; the id is free "
                          "again once the run is evicted (--evict-after)", printable(rs.run))
             return
-        if reason not in NOTED_REJECTS:
-            return
-        rs.noted.add(f"reject {reason}")
         self._emit(EventRecord(rs.run, max(rs.last_closed, 0), -1, -1, (Event(
             f"ingest/{reason}", RAISED, "warning",
             f"messages refused: {NOTED_REJECTS[reason]}; the run's summary counts them"),)))

@@ -47,7 +47,7 @@ class StreamState:
         # Seen live beside another instance of its rank (each spoke while the other had
         # not said bye): the rank is done only once both are. A process that went silent
         # before its successor's first message (a restart) is never a twin, and one silent
-        # through the other's whole last epoch is one no longer (see ``State._bye``).
+        # through the other's whole last epoch is one no longer (``State._bye_twins``).
         self.twin = False
         # Positions in the run's message order (``RunState.messages``), so that liveness is
         # judged by what a replay sees too: its latest message, and the start of its
